@@ -1,0 +1,85 @@
+"""Counters that prove what the pipeline did.
+
+Every test reads them: a run that silently fell back to vLLM's stock path
+leaves them at zero, and fails.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+
+
+@dataclass(slots=True)
+class PipelineStats:
+    """A snapshot of the counters (plain data, picklable)."""
+
+    # Batches handed to the device stage.
+    batches_launched: int = 0
+    # Batches launched while the previous batch's sampled tokens were not yet
+    # resolved on the host: the overlap itself.
+    launched_before_predecessor_resolved: int = 0
+    # Input tokens that were not yet known on the host when their batch was
+    # launched, and were filled in on the device from a predecessor's
+    # sampled ids (between batches and between the steps of a decode window).
+    carry_over_tokens: int = 0
+    # Device steps run (a decode window of w counts w).
+    device_steps: int = 0
+    # Batches that ran a decode window of more than one step.
+    windowed_batches: int = 0
+    # Tokens computed on the device and never delivered: the extra token of a
+    # request that finished in an earlier in-flight batch, and the tail of a
+    # decode window after a stop.
+    wasted_tokens_dropped: int = 0
+    # Largest number of batches in flight at once.
+    max_in_flight: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def merged(self, other: PipelineStats) -> PipelineStats:
+        values = {k: v + getattr(other, k) for k, v in self.as_dict().items()}
+        values["max_in_flight"] = max(self.max_in_flight, other.max_in_flight)
+        return PipelineStats(**values)
+
+
+class PipelineCounters:
+    """Thread-safe counters, bumped from the engine and device-stage threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats = PipelineStats()
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self._stats, name, getattr(self._stats, name) + delta)
+
+    def observe_in_flight(self, n: int) -> None:
+        with self._lock:
+            if n > self._stats.max_in_flight:
+                self._stats.max_in_flight = n
+
+    def snapshot(self) -> PipelineStats:
+        with self._lock:
+            return PipelineStats(**self._stats.as_dict())
+
+
+# The executor and the scheduler of one engine are built from the same
+# VllmConfig object in the EngineCore process; the counters are keyed by it so
+# both bump the same set.
+_BY_CONFIG: dict[int, PipelineCounters] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def counters_for(config: object) -> PipelineCounters:
+    with _REGISTRY_LOCK:
+        counters = _BY_CONFIG.get(id(config))
+        if counters is None:
+            counters = _BY_CONFIG[id(config)] = PipelineCounters()
+        return counters
+
+
+def release_counters(config: object) -> None:
+    with _REGISTRY_LOCK:
+        _BY_CONFIG.pop(id(config), None)

@@ -1,0 +1,124 @@
+"""Pipeline settings: what a user can turn, and where they come from.
+
+Settings travel inside vLLM's own config, under
+`additional_config["async_executor"]`, so they reach the EngineCore process
+whatever way the engine was started (`LLM(...)`, `vllm serve
+--additional-config`, or a benchmark). Environment variables
+(`ASYNC_EXECUTOR_<NAME>`) fill in what the config leaves unset.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+CONFIG_KEY = "async_executor"
+ENV_PREFIX = "ASYNC_EXECUTOR_"
+
+StageMode = Literal["auto", "thread", "inline"]
+
+
+class SettingsError(ValueError):
+    """A pipeline setting has a wrong name, type or value."""
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSettings:
+    # Batches in flight at once: batch N+1 is scheduled and launched while up
+    # to depth-1 earlier batches are still computing. 2 is double buffering.
+    depth: int = 2
+    # The A/B switch: False runs vLLM's synchronous step loop through this
+    # executor (schedule, run, wait, update), everything else unchanged.
+    overlap: bool = True
+    # Decode steps per scheduled step ("decode window"). With 4, a request in
+    # steady decode is scheduled once and decodes 4 tokens back to back on the
+    # device, each step's token carried over to the next on the device.
+    decode_window: int = 1
+    # Where the runner's work runs. "thread": a dedicated device-stage thread,
+    # so the engine thread schedules batch N+1 while batch N computes, even
+    # where the forward pass blocks the calling thread (CPU). "inline": on the
+    # engine thread (on CUDA, launches are asynchronous already). "auto":
+    # thread on CPU, inline on CUDA.
+    stage: StageMode = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.depth, int) or isinstance(self.depth, bool):
+            raise SettingsError(f"depth must be an int, got {self.depth!r}")
+        if not 2 <= self.depth <= 8:
+            raise SettingsError(f"depth must be between 2 and 8, got {self.depth}")
+        if not isinstance(self.overlap, bool):
+            raise SettingsError(f"overlap must be true or false, got {self.overlap!r}")
+        if not isinstance(self.decode_window, int) or isinstance(
+            self.decode_window, bool
+        ):
+            raise SettingsError(
+                f"decode_window must be an int, got {self.decode_window!r}"
+            )
+        if not 1 <= self.decode_window <= 64:
+            raise SettingsError(
+                f"decode_window must be between 1 and 64, got {self.decode_window}"
+            )
+        if self.stage not in ("auto", "thread", "inline"):
+            raise SettingsError(
+                f"stage must be 'auto', 'thread' or 'inline', got {self.stage!r}"
+            )
+
+    @property
+    def in_flight_batches(self) -> int:
+        """Batches the engine keeps in flight (vLLM's max_concurrent_batches)."""
+        return self.depth if self.overlap else 1
+
+    def to_config(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_mapping(
+        cls, values: Mapping[str, Any], env: Mapping[str, str] | None = None
+    ) -> PipelineSettings:
+        """Build from a config mapping; environment variables fill the gaps."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise SettingsError(
+                f"unknown async_executor setting(s) {unknown}; "
+                f"valid settings: {sorted(known)}"
+            )
+        merged: dict[str, Any] = {}
+        env = os.environ if env is None else env
+        for name, f in known.items():
+            env_value = env.get(ENV_PREFIX + name.upper())
+            if env_value is not None and env_value != "":
+                merged[name] = _parse_env(name, env_value, f.default)
+        merged.update(values)
+        return cls(**merged)
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> PipelineSettings:
+        extra = getattr(vllm_config, "additional_config", None) or {}
+        values = extra.get(CONFIG_KEY, {}) if isinstance(extra, Mapping) else {}
+        if not isinstance(values, Mapping):
+            raise SettingsError(
+                f"additional_config[{CONFIG_KEY!r}] must be a mapping, "
+                f"got {type(values).__name__}"
+            )
+        return cls.from_mapping(values)
+
+
+def _parse_env(name: str, raw: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a boolean")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(
+                f"{ENV_PREFIX}{name.upper()}={raw!r} is not an integer"
+            ) from None
+    return raw

@@ -1,0 +1,233 @@
+"""`AsyncExecutor`: the vLLM executor that runs the overlapped pipeline.
+
+Where each stage runs (one engine, one worker, both in the EngineCore
+process):
+
+  engine thread        schedule N+1 -> execute_model(N+1) -> sample_tokens(N+1)
+                       -> wait for N's sampled ids -> update_from_output(N) -> ...
+  device stage         N: device step 0 [, 1 .. w-1]   N+1: device step 0 ...
+  (thread or inline)
+
+`execute_model` and `sample_tokens` only plan the batch and hand it to the
+device stage; they return futures at once, so the engine schedules batch N+2
+while N+1 computes. The engine blocks only when it needs the oldest batch's
+sampled ids (`ResolvingFuture.result`). Each device step is one call of
+vLLM's worker (`execute_model` + `sample_tokens`), whose async-scheduling
+path reconciles carry-over tokens on the device: batch N+1's input ids for
+requests that N is still sampling are gathered from N's device output.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
+from vllm.v1.executor.uniproc_executor import UniProcExecutor
+from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
+
+from async_executor.pipeline.counters import counters_for, release_counters
+from async_executor.pipeline.in_flight import InFlightBatch, InFlightTracker
+from async_executor.pipeline.stage import DeviceStage
+from async_executor.settings import PipelineSettings
+from async_executor.vllm_glue.engine_config import apply_pipeline_config
+from async_executor.vllm_glue.substeps import WindowPlan, merge_outputs, plan_window
+
+# collective_rpc method name answered by the executor itself.
+STATS_RPC = "async_executor_stats"
+
+
+class ResolvingFuture(Future[Any]):
+    """A future whose value is computed on the first `result()` call, on the
+    caller's thread: that is where the engine waits for sampled ids."""
+
+    def __init__(self, resolve: Callable[[], Any]) -> None:
+        super().__init__()
+        self._resolve: Callable[[], Any] | None = resolve
+        self._resolve_lock = threading.Lock()
+
+    def result(self, timeout: float | None = None) -> Any:
+        with self._resolve_lock:
+            if self._resolve is not None:
+                resolve, self._resolve = self._resolve, None
+                try:
+                    self.set_result(resolve())
+                except BaseException as exc:
+                    self.set_exception(exc)
+        return super().result(timeout)
+
+
+def _to_host(output: Any) -> Any:
+    """Wait for a device step's sampled ids to reach the host."""
+    if isinstance(output, AsyncModelRunnerOutput):
+        return output.get_output()
+    return output
+
+
+@dataclass(slots=True)
+class _ExecutedBatch:
+    plan: WindowPlan
+    in_flight: InFlightBatch | None
+
+
+class AsyncExecutor(UniProcExecutor):
+    """vLLM executor with an overlapped, optionally multi-step pipeline."""
+
+    @classmethod
+    def supports_async_scheduling(cls) -> bool:
+        return True
+
+    def _init_executor(self) -> None:
+        self.settings = PipelineSettings.from_vllm_config(self.vllm_config)
+        apply_pipeline_config(self.vllm_config, self.settings)
+        super()._init_executor()
+        self.counters = counters_for(self.vllm_config)
+        self.tracker = InFlightTracker(self.counters)
+        device = torch.device(str(self.vllm_config.device_config.device))
+        stage = self.settings.stage
+        threaded = stage == "thread" or (stage == "auto" and device.type == "cpu")
+        initializer = None
+        if threaded and device.type == "cuda":
+            # The current CUDA device is per thread.
+            initializer = functools.partial(torch.cuda.set_device, device)
+        self.stage = DeviceStage(threaded, initializer=initializer)
+        # Tokens known on the host per request (prompt, or all tokens when the
+        # scheduler resends them on resumption); used to tell decode inputs
+        # from prompt inputs for the carry-over count.
+        self._known_len: dict[str, int] = {}
+        self._executed: _ExecutedBatch | None = None
+
+    # -- the pipeline ---------------------------------------------------------
+
+    def execute_model(  # type: ignore[override]
+        self, scheduler_output: SchedulerOutput, non_block: bool = False
+    ) -> Any:
+        plan = plan_window(scheduler_output)
+        in_flight = self._record_launch(scheduler_output, plan)
+        self._executed = _ExecutedBatch(plan, in_flight)
+        job = self.stage.submit(self._run_first_step, plan.steps[0])
+
+        def resolve() -> Any:
+            output = _to_host(job.result())
+            if output is not None and in_flight is not None:
+                # No sampling step follows (pooling, nothing to sample).
+                self.tracker.resolve(in_flight)
+            return output
+
+        future = ResolvingFuture(resolve)
+        if not non_block:
+            return future.result()
+        if job.done() and job.exception() is not None:
+            # Surface launch errors at once, as vLLM's uniproc executor does.
+            future.result()
+        return future
+
+    def sample_tokens(  # type: ignore[override]
+        self, grammar_output: GrammarOutput | None, non_block: bool = False
+    ) -> Any:
+        executed, self._executed = self._executed, None
+        if executed is None:
+            raise RuntimeError("sample_tokens called without a preceding execute_model")
+        job = self.stage.submit(self._run_window, executed.plan, grammar_output)
+
+        def resolve() -> ModelRunnerOutput:
+            output = merge_outputs([_to_host(o) for o in job.result()])
+            if executed.in_flight is not None:
+                self.tracker.resolve(executed.in_flight)
+            return output
+
+        future = ResolvingFuture(resolve)
+        return future if non_block else future.result()
+
+    def _run_first_step(self, step: SchedulerOutput) -> Any:
+        return self.driver_worker.execute_model(step)
+
+    def _run_window(
+        self, plan: WindowPlan, grammar_output: GrammarOutput | None
+    ) -> list[Any]:
+        # Device step 0 was launched by execute_model; sample it, then run the
+        # rest of the window. Step k's inputs are step k-1's sampled ids,
+        # filled in on the device by the runner: no host round trip here.
+        worker = self.driver_worker
+        outputs = [worker.sample_tokens(grammar_output)]
+        for step in plan.steps[1:]:
+            output = worker.execute_model(step)
+            if output is None:
+                output = worker.sample_tokens(None)
+            outputs.append(output)
+        return outputs
+
+    def _record_launch(
+        self, scheduler_output: SchedulerOutput, plan: WindowPlan
+    ) -> InFlightBatch | None:
+        known = self._known_len
+        for req_id in scheduler_output.finished_req_ids:
+            known.pop(req_id, None)
+        if scheduler_output.total_num_scheduled_tokens == 0:
+            return None
+        starts: dict[str, int] = {}
+        for new in scheduler_output.scheduled_new_reqs:
+            known[new.req_id] = new.prompt_len
+            starts[new.req_id] = new.num_computed_tokens
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id, tokens in cached.all_token_ids.items():
+            known[req_id] = len(tokens)
+        starts.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+        scheduled = scheduler_output.num_scheduled_tokens
+        decode_inputs = [r for r, c in starts.items() if c >= known.get(r, 0)]
+        samplers = [r for r, c in starts.items() if c + scheduled[r] >= known.get(r, 0)]
+        return self.tracker.launch(
+            decode_inputs=decode_inputs,
+            samplers=samplers,
+            device_steps=plan.num_steps,
+            carried_within=plan.carried_tokens,
+        )
+
+    # -- control --------------------------------------------------------------
+
+    def collective_rpc(  # type: ignore[override]
+        self,
+        method: str | Callable[..., Any],
+        timeout: float | None = None,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        non_block: bool = False,
+        single_value: bool = False,
+    ) -> Any:
+        if method == STATS_RPC:
+            stats = self.counters.snapshot().as_dict()
+            result = stats if single_value else [stats]
+            if non_block:
+                done: Future[Any] = Future()
+                done.set_result(result)
+                return done
+            return result
+        # Control calls run on the device stage, after the batches in flight.
+        call = functools.partial(
+            UniProcExecutor.collective_rpc,
+            self,
+            method,
+            timeout,
+            args,
+            kwargs,
+            False,
+            single_value,
+        )
+        stage = getattr(self, "stage", None)
+        if stage is None:  # during _init_executor
+            return call()
+        return stage.submit(call) if non_block else stage.run(call)
+
+    def shutdown(self) -> None:
+        stage = getattr(self, "stage", None)
+        if stage is not None:
+            stage.shutdown()
+            self.tracker.reset()
+            release_counters(self.vllm_config)
+        if worker := self.driver_worker:
+            worker.shutdown()

@@ -1,0 +1,104 @@
+"""The `vllm.general_plugins` entry point: names and flags, nothing else.
+
+vLLM runs `register()` once in every process it starts (front end, EngineCore,
+workers) and, for `vllm serve`, before it builds the argument parser. It:
+- teaches `Executor.get_class` the short name `async_executor`, and turns an
+  unknown short name into an error that lists the valid ones;
+- adds `--executor NAME` to vLLM's engine flags (the same setting as
+  `--distributed-executor-backend`).
+Both wrap vLLM functions by delegation; nothing in vLLM's files changes.
+Importing this module must stay cheap: it runs in every vLLM process.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+EXECUTOR_NAME = "async_executor"
+EXECUTOR_QUALNAME = "async_executor.vllm_glue.executor.AsyncExecutor"
+VLLM_BUILTIN_EXECUTORS = ("mp", "uni", "ray", "external_launcher")
+_MARK = "_async_executor_wrapped"
+
+
+class UnknownExecutorError(ValueError):
+    pass
+
+
+def valid_executor_names() -> list[str]:
+    return [*VLLM_BUILTIN_EXECUTORS, EXECUTOR_NAME]
+
+
+def resolve_executor_name(name: str) -> str:
+    """Map a short executor name to what vLLM understands."""
+    if name in (EXECUTOR_NAME, "async-executor"):
+        return EXECUTOR_QUALNAME
+    if name in VLLM_BUILTIN_EXECUTORS or "." in name:
+        return name
+    raise UnknownExecutorError(
+        f"unknown executor {name!r}; valid executors: "
+        f"{', '.join(valid_executor_names())}, or the import path of a "
+        "vllm.v1.executor.Executor subclass (package.module.Class)"
+    )
+
+
+def _wrap_get_class() -> None:
+    from vllm.v1.executor.abstract import Executor
+
+    original = Executor.get_class
+    if getattr(original, _MARK, False):
+        return
+
+    def get_class(vllm_config: Any) -> Any:
+        backend = vllm_config.parallel_config.distributed_executor_backend
+        if not isinstance(backend, str) or backend in VLLM_BUILTIN_EXECUTORS:
+            return original(vllm_config)
+        resolved = resolve_executor_name(backend)
+        if resolved == EXECUTOR_QUALNAME:
+            from async_executor.vllm_glue.executor import AsyncExecutor
+
+            return AsyncExecutor
+        try:
+            return original(vllm_config)
+        except (ImportError, AttributeError) as exc:
+            raise UnknownExecutorError(
+                f"cannot import executor {backend!r}: {exc}; valid executors: "
+                f"{', '.join(valid_executor_names())}, or an importable "
+                "package.module.Class"
+            ) from exc
+
+    setattr(get_class, _MARK, True)
+    Executor.get_class = staticmethod(get_class)  # type: ignore[method-assign]
+
+
+def _wrap_cli_args() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.add_cli_args
+    if getattr(original, _MARK, False):
+        return
+
+    def add_cli_args(parser: Any, *args: Any, **kwargs: Any) -> Any:
+        parser = original(parser, *args, **kwargs)
+        if not any("--executor" in a.option_strings for a in parser._actions):
+            parser.add_argument(
+                "--executor",
+                dest="distributed_executor_backend",
+                metavar="NAME",
+                default=argparse.SUPPRESS,
+                help=(
+                    "Executor to run the model with: "
+                    f"{', '.join(valid_executor_names())}, or the import path "
+                    "of an Executor subclass. Same setting as "
+                    "--distributed-executor-backend. Added by async_executor."
+                ),
+            )
+        return parser
+
+    setattr(add_cli_args, _MARK, True)
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]
+
+
+def register() -> None:
+    _wrap_get_class()
+    _wrap_cli_args()
