@@ -19,6 +19,7 @@ requests that N is still sampling are gathered from N's device output.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from async_executor.pipeline.counters import counters_for, release_counters
 from async_executor.pipeline.in_flight import InFlightBatch, InFlightTracker
 from async_executor.pipeline.stage import DeviceStage
 from async_executor.settings import PipelineSettings
+from async_executor.vllm_glue.cpu_runner import install_cpu_runner_fixes
 from async_executor.vllm_glue.engine_config import apply_pipeline_config
 from async_executor.vllm_glue.substeps import WindowPlan, merge_outputs, plan_window
 
@@ -86,6 +88,7 @@ class AsyncExecutor(UniProcExecutor):
         self.settings = PipelineSettings.from_vllm_config(self.vllm_config)
         apply_pipeline_config(self.vllm_config, self.settings)
         super()._init_executor()
+        install_cpu_runner_fixes(self.driver_worker.worker.model_runner)
         self.counters = counters_for(self.vllm_config)
         self.tracker = InFlightTracker(self.counters)
         device = torch.device(str(self.vllm_config.device_config.device))
@@ -133,6 +136,13 @@ class AsyncExecutor(UniProcExecutor):
         executed, self._executed = self._executed, None
         if executed is None:
             raise RuntimeError("sample_tokens called without a preceding execute_model")
+        if grammar_output is not None and self.stage.threaded:
+            # Hazard: the bitmask is a view of the structured-output manager's
+            # reusable buffer, which the engine thread refills for the next
+            # batch while this one still waits on the device stage.
+            grammar_output = dataclasses.replace(
+                grammar_output, grammar_bitmask=grammar_output.grammar_bitmask.copy()
+            )
         job = self.stage.submit(self._run_window, executed.plan, grammar_output)
 
         def resolve() -> ModelRunnerOutput:

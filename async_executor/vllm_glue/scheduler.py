@@ -62,6 +62,8 @@ class _WindowMixin:
         settings = PipelineSettings.from_vllm_config(self.vllm_config)
         self._counters: PipelineCounters = counters_for(self.vllm_config)
         self._max_window = settings.decode_window
+        self._depth = self.vllm_config.max_concurrent_batches
+        self._unresolved_batches = 0
         model_config = self.vllm_config.model_config
         if (
             self.num_spec_tokens
@@ -104,10 +106,29 @@ class _WindowMixin:
         for r, _ in live:
             r.spec_token_ids = placeholders
 
+    def _hold_back_structured_output(self) -> None:
+        # Hazard (depth > 2): vLLM defers a structured-output request's
+        # sampling until the engine has popped the oldest in-flight batch and
+        # fed its tokens to the grammar. That is the request's previous batch
+        # only while at most one batch is in flight; with more (including the
+        # empty batches scheduled while grammars compile) the bitmask would
+        # miss tokens. So such a request waits until one batch is in flight.
+        if self._unresolved_batches < 2:
+            return
+        for r in self.running:
+            if r.use_structured_output and r.num_output_placeholders > 0:
+                r.next_decode_eligible_step = self.current_step + 2
+
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+        if self._depth > 2:
+            self._hold_back_structured_output()
         if self._max_window > 1:
             self._open_windows()
-        return super().schedule(*args, **kwargs)  # type: ignore[misc]
+        output = super().schedule(*args, **kwargs)  # type: ignore[misc]
+        # Every scheduled step, empty or not, is queued by the engine and
+        # later passed to update_from_output exactly once.
+        self._unresolved_batches += 1
+        return output
 
     def _update_after_schedule(self, scheduler_output: SchedulerOutput) -> None:
         drafts = scheduler_output.scheduled_spec_decode_tokens
@@ -132,6 +153,7 @@ class _WindowMixin:
                         wasted += len(sampled[i])
             if wasted:
                 self._counters.add(wasted_tokens_dropped=wasted)
+        self._unresolved_batches -= 1
         return super().update_from_output(  # type: ignore[misc]
             scheduler_output, model_runner_output
         )

@@ -1,0 +1,114 @@
+"""Races of the overlapped pipeline, driven step by step through vLLM's
+engine: aborts while their batches are in flight, and KV blocks freed by
+finished or aborted requests reused under a small cache while later batches
+are still in flight. The surviving requests must equal the synchronous path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from vllm import SamplingParams
+
+from tests.conftest import (
+    assert_overlapped,
+    assert_same_outputs,
+    corpus_prompts,
+    engine,
+    stats,
+)
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = corpus_prompts(40)
+PARAMS = SamplingParams(temperature=0.0, max_tokens=40, logprobs=1)
+# A cache for about a third of the requests: finished and aborted requests'
+# blocks are handed to waiting ones while the pipeline is full.
+SMALL_CACHE: dict[str, Any] = dict(
+    block_size=32, num_gpu_blocks_override=12, max_model_len=256
+)
+
+
+def _engine_core(llm: Any) -> Any:
+    return llm.llm_engine.engine_core.engine_core
+
+
+def _run_with_aborts(
+    llm: Any, abort_at_step: int, to_abort: set[str]
+) -> tuple[dict[str, Any], int]:
+    """Step the engine by hand; abort `to_abort` at the given step. Returns
+    the finished outputs by id, and how many batches were in flight holding
+    a request to abort when the abort was issued."""
+    eng = llm.llm_engine
+    for i, prompt in enumerate(PROMPTS):
+        eng.add_request(f"r{i}", prompt, PARAMS)
+    core = _engine_core(llm)
+    finished: dict[str, Any] = {}
+    in_flight_with_victims = 0
+    steps = 0
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                finished[out.request_id] = out
+        steps += 1
+        if steps == abort_at_step:
+            queue = core.batch_queue or []
+            # The engine suffixes request ids internally ("r3-1a2b3c4d").
+            in_flight_with_victims = sum(
+                1
+                for _, scheduler_output, _ in queue
+                if to_abort
+                & {r.rsplit("-", 1)[0] for r in scheduler_output.num_scheduled_tokens}
+            )
+            eng.abort_request(sorted(to_abort))
+        assert steps < 10_000, "engine did not finish"
+    return finished, in_flight_with_victims
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [pytest.param({}, id="default"), pytest.param({"decode_window": 4}, id="window4")],
+)
+def test_abort_while_in_flight_leaves_others_exact(
+    tiny_model: str, settings: dict[str, Any]
+) -> None:
+    with engine(tiny_model, ours=False, **SMALL_CACHE) as llm:
+        baseline = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+
+    to_abort = {f"r{i}" for i in range(0, len(PROMPTS), 3)}
+    with engine(tiny_model, ours=True, settings=settings, **SMALL_CACHE) as llm:
+        finished, in_flight_with_victims = _run_with_aborts(llm, 8, to_abort)
+        s = stats(llm)
+        scheduler = _engine_core(llm).scheduler
+        assert scheduler.get_num_unfinished_requests() == 0, "requests left hanging"
+
+    # The abort hit requests whose batches were on the device.
+    assert in_flight_with_victims >= 1
+    kept = [i for i in range(len(PROMPTS)) if f"r{i}" not in to_abort]
+    assert all(f"r{i}" in finished for i in kept), "a surviving request was lost"
+    for rid in to_abort:
+        out = finished.get(rid)
+        assert out is None or out.outputs[0].finish_reason == "abort"
+    assert_same_outputs([baseline[i] for i in kept], [finished[f"r{i}"] for i in kept])
+    assert_overlapped(s, windows=bool(settings))
+    # Tokens computed for aborted requests in flight were dropped.
+    assert s.wasted_tokens_dropped > 0, s
+
+
+def test_block_reuse_under_small_cache_stays_exact(tiny_model: str) -> None:
+    """Every block is recycled many times while two batches are in flight."""
+    params = SamplingParams(temperature=0.0, max_tokens=48, logprobs=2)
+    prompts = PROMPTS * 2
+    with engine(tiny_model, ours=False, **SMALL_CACHE) as llm:
+        baseline = llm.generate(prompts, params, use_tqdm=False)
+    with engine(
+        tiny_model, ours=True, settings={"decode_window": 3}, **SMALL_CACHE
+    ) as llm:
+        ours = llm.generate(prompts, params, use_tqdm=False)
+        s = stats(llm)
+        cache_blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    assert_same_outputs(baseline, ours)
+    assert_overlapped(s, windows=True)
+    # The batch needs several times the cache: blocks were reused.
+    assert len(prompts) > 3 * cache_blocks

@@ -1,0 +1,213 @@
+"""Every way a user selects the executor, through vLLM's own entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vllm import SamplingParams
+
+from async_executor.vllm_glue.executor import AsyncExecutor
+from tests.conftest import ENGINE_DEFAULTS, corpus_prompts, engine, generate, stats
+
+PROMPTS = corpus_prompts(8)
+PARAMS = SamplingParams(temperature=0.0, max_tokens=16)
+
+
+def _executor_of(llm: Any) -> Any:
+    return llm.llm_engine.engine_core.engine_core.model_executor
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("async_executor", id="short-name"),
+        pytest.param("async_executor.vllm_glue.executor.AsyncExecutor", id="qualname"),
+        pytest.param(AsyncExecutor, id="class"),
+    ],
+)
+def test_llm_selects_our_executor(tiny_model: str, backend: Any) -> None:
+    from vllm import LLM
+
+    llm = LLM(tiny_model, distributed_executor_backend=backend, **ENGINE_DEFAULTS)
+    try:
+        assert type(_executor_of(llm)) is AsyncExecutor
+        generate(llm, PROMPTS, PARAMS)
+        s = stats(llm)
+        assert s.batches_launched > 0 and s.launched_before_predecessor_resolved > 0, s
+        # vLLM's CPU platform forces async scheduling off; ours turns it on.
+        assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling is True
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.mark.e2e
+def test_unknown_executor_name_lists_valid_ones(tiny_model: str) -> None:
+    from vllm import LLM
+
+    with pytest.raises(ValueError) as err:
+        LLM(tiny_model, distributed_executor_backend="asyncexecutor", **ENGINE_DEFAULTS)
+    message = str(err.value)
+    assert "unknown executor 'asyncexecutor'" in message
+    for name in ("mp", "uni", "ray", "external_launcher", "async_executor"):
+        assert name in message
+
+
+def _serve_parser() -> Any:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser())
+
+
+@pytest.mark.parametrize("flag", ["--executor", "--distributed-executor-backend"])
+def test_serve_flags_select_our_executor(tiny_model: str, flag: str) -> None:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.executor.abstract import Executor
+
+    args = _serve_parser().parse_args(
+        ["--model", tiny_model, flag, "async_executor", "--dtype", "float32"]
+    )
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    assert engine_args.distributed_executor_backend == "async_executor"
+    config = engine_args.create_engine_config()
+    assert Executor.get_class(config) is AsyncExecutor
+
+
+def test_serve_rejects_unknown_executor(tiny_model: str) -> None:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = _serve_parser().parse_args(["--model", tiny_model, "--executor", "nope"])
+    with pytest.raises(
+        ValueError, match="unknown executor 'nope'; valid executors: mp, uni"
+    ):
+        AsyncEngineArgs.from_cli_args(args).create_engine_config()
+
+
+def test_executor_flag_is_in_serve_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", "--help=all"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "--executor NAME" in out.stdout, out.stderr[-2000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_vllm_serve_with_executor_flag(tiny_model: str, tmp_path: Path) -> None:
+    """The `vllm` console script starts a server on our executor (default
+    multiprocess engine), answers exactly like the synchronous path, turns a
+    bad request into a 400 and keeps serving."""
+    vllm_script = Path(sys.executable).parent / "vllm"
+    assert vllm_script.exists(), "the vllm console script is not installed"
+    with engine(tiny_model, ours=False, max_model_len=256) as llm:
+        expected = [o.outputs[0].text for o in generate(llm, PROMPTS, PARAMS)]
+
+    port = _free_port()
+    env = {
+        **os.environ,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+        "VLLM_SERVER_DEV_MODE": "1",  # exposes /collective_rpc for the counters
+    }
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [
+            str(vllm_script), "serve", tiny_model,
+            "--executor", "async_executor",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
+            "--seed", "0", "--kv-cache-memory-bytes", str(64 << 20),
+        ],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(1)
+
+        got = []
+        for prompt in PROMPTS:
+            status, body = _post(
+                base + "/v1/completions",
+                {
+                    "model": tiny_model,
+                    "prompt": prompt,
+                    "max_tokens": 16,
+                    "temperature": 0,
+                },
+            )
+            assert status == 200, body
+            got.append(body["choices"][0]["text"])
+        assert got == expected
+
+        status, body = _post(
+            base + "/v1/completions",
+            {"model": tiny_model, "prompt": [1, 5, 10_000], "max_tokens": 4},
+        )
+        assert status == 400 and "out of vocabulary" in json.dumps(body), body
+        status, body = _post(
+            base + "/v1/completions",
+            {
+                "model": tiny_model,
+                "prompt": PROMPTS[0],
+                "max_tokens": 16,
+                "temperature": 0,
+            },
+        )
+        assert status == 200 and body["choices"][0]["text"] == expected[0], body
+
+        status, body = _post(
+            base + "/collective_rpc", {"method": "async_executor_stats"}
+        )
+        assert status == 200, body
+        counters = body["results"][0]
+        assert counters["batches_launched"] > 0, counters
+        assert counters["launched_before_predecessor_resolved"] > 0, counters
+        assert counters["carry_over_tokens"] > 0, counters
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
