@@ -28,9 +28,7 @@ PROMPTS = [
 ]
 
 
-def _generate(
-    model: str, ours: bool, settings: dict[str, Any]
-) -> tuple[list[Any], float, Any]:
+def _generate(model: str, ours: bool, settings: dict[str, Any]) -> tuple[list[Any], float, Any]:
     from vllm import LLM, SamplingParams
 
     import async_executor
@@ -59,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--out",
-        default=os.path.join(
-            os.path.expanduser("~"), ".cache", "async_executor", "tiny-llama"
-        ),
+        default=os.path.join(os.path.expanduser("~"), ".cache", "async_executor", "tiny-llama"),
         help="where to build the model (reused when already there)",
     )
     parser.add_argument("--decode-window", type=int, default=4)
@@ -84,17 +80,14 @@ def main(argv: list[str] | None = None) -> int:
 
     sync, t_sync, _ = _generate(model, False, {})
     same = all(
-        a.outputs[0].token_ids == b.outputs[0].token_ids
-        for a, b in zip(ours, sync, strict=True)
+        a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(ours, sync, strict=True)
     )
     print(f"\nsame tokens as vLLM's synchronous path: {same}")
     print(
         f"generate time: async_executor {t_ours:.3f} s, vLLM sync {t_sync:.3f} s "
         "(a toy model on CPU: this shows the mechanics, not a speedup)"
     )
-    overlapped = (
-        stats.launched_before_predecessor_resolved > 0 and stats.carry_over_tokens > 0
-    )
+    overlapped = stats.launched_before_predecessor_resolved > 0 and stats.carry_over_tokens > 0
     return 0 if same and overlapped else 1
 
 

@@ -50,20 +50,12 @@ class PipelineSettings:
             raise SettingsError(f"depth must be between 2 and 8, got {self.depth}")
         if not isinstance(self.overlap, bool):
             raise SettingsError(f"overlap must be true or false, got {self.overlap!r}")
-        if not isinstance(self.decode_window, int) or isinstance(
-            self.decode_window, bool
-        ):
-            raise SettingsError(
-                f"decode_window must be an int, got {self.decode_window!r}"
-            )
+        if not isinstance(self.decode_window, int) or isinstance(self.decode_window, bool):
+            raise SettingsError(f"decode_window must be an int, got {self.decode_window!r}")
         if not 1 <= self.decode_window <= 64:
-            raise SettingsError(
-                f"decode_window must be between 1 and 64, got {self.decode_window}"
-            )
+            raise SettingsError(f"decode_window must be between 1 and 64, got {self.decode_window}")
         if self.stage not in ("auto", "thread", "inline"):
-            raise SettingsError(
-                f"stage must be 'auto', 'thread' or 'inline', got {self.stage!r}"
-            )
+            raise SettingsError(f"stage must be 'auto', 'thread' or 'inline', got {self.stage!r}")
 
     @property
     def in_flight_batches(self) -> int:
@@ -82,8 +74,7 @@ class PipelineSettings:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise SettingsError(
-                f"unknown async_executor setting(s) {unknown}; "
-                f"valid settings: {sorted(known)}"
+                f"unknown async_executor setting(s) {unknown}; valid settings: {sorted(known)}"
             )
         merged: dict[str, Any] = {}
         env = os.environ if env is None else env
@@ -100,8 +91,7 @@ class PipelineSettings:
         values = extra.get(CONFIG_KEY, {}) if isinstance(extra, Mapping) else {}
         if not isinstance(values, Mapping):
             raise SettingsError(
-                f"additional_config[{CONFIG_KEY!r}] must be a mapping, "
-                f"got {type(values).__name__}"
+                f"additional_config[{CONFIG_KEY!r}] must be a mapping, got {type(values).__name__}"
             )
         return cls.from_mapping(values)
 
@@ -118,7 +108,5 @@ def _parse_env(name: str, raw: str, default: Any) -> Any:
         try:
             return int(raw)
         except ValueError:
-            raise SettingsError(
-                f"{ENV_PREFIX}{name.upper()}={raw!r} is not an integer"
-            ) from None
+            raise SettingsError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not an integer") from None
     return raw

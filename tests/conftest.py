@@ -89,8 +89,7 @@ def generate(llm: Any, prompts: list[Any], params: Any) -> list[Any]:
 def completions(outputs: list[Any]) -> list[list[Any]]:
     """Per request, per completion: (token_ids, text, finish_reason, logprobs)."""
     return [
-        [(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in o.outputs]
-        for o in outputs
+        [(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in o.outputs] for o in outputs
     ]
 
 

@@ -25,9 +25,7 @@ PROMPTS = corpus_prompts(40)
 PARAMS = SamplingParams(temperature=0.0, max_tokens=40, logprobs=1)
 # A cache for about a third of the requests: finished and aborted requests'
 # blocks are handed to waiting ones while the pipeline is full.
-SMALL_CACHE: dict[str, Any] = dict(
-    block_size=32, num_gpu_blocks_override=12, max_model_len=256
-)
+SMALL_CACHE: dict[str, Any] = dict(block_size=32, num_gpu_blocks_override=12, max_model_len=256)
 
 
 def _engine_core(llm: Any) -> Any:
@@ -58,8 +56,7 @@ def _run_with_aborts(
             in_flight_with_victims = sum(
                 1
                 for _, scheduler_output, _ in queue
-                if to_abort
-                & {r.rsplit("-", 1)[0] for r in scheduler_output.num_scheduled_tokens}
+                if to_abort & {r.rsplit("-", 1)[0] for r in scheduler_output.num_scheduled_tokens}
             )
             eng.abort_request(sorted(to_abort))
         assert steps < 10_000, "engine did not finish"
@@ -102,9 +99,7 @@ def test_block_reuse_under_small_cache_stays_exact(tiny_model: str) -> None:
     prompts = PROMPTS * 2
     with engine(tiny_model, ours=False, **SMALL_CACHE) as llm:
         baseline = llm.generate(prompts, params, use_tqdm=False)
-    with engine(
-        tiny_model, ours=True, settings={"decode_window": 3}, **SMALL_CACHE
-    ) as llm:
+    with engine(tiny_model, ours=True, settings={"decode_window": 3}, **SMALL_CACHE) as llm:
         ours = llm.generate(prompts, params, use_tqdm=False)
         s = stats(llm)
         cache_blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks

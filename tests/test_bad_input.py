@@ -77,9 +77,7 @@ def test_prompt_that_exactly_fits_is_served(served) -> None:  # type: ignore[no-
         ),
     ],
 )
-def test_bad_pipeline_settings_name_the_problem(
-    tiny_model: str, settings, message
-) -> None:  # type: ignore[no-untyped-def]
+def test_bad_pipeline_settings_name_the_problem(tiny_model: str, settings, message) -> None:  # type: ignore[no-untyped-def]
     from vllm import LLM
 
     with pytest.raises(Exception, match=message):

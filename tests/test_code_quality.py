@@ -33,9 +33,7 @@ def test_mypy() -> None:
 
 def test_ci_runs_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
-    match = re.search(
-        r"<!-- test-command -->\n```(?:bash|sh)?\n(.+?)\n```", readme, re.S
-    )
+    match = re.search(r"<!-- test-command -->\n```(?:bash|sh)?\n(.+?)\n```", readme, re.S)
     assert match, "README must mark its test command"
     command = match.group(1).strip()
     assert command in (ROOT / ".ci" / "run").read_text()

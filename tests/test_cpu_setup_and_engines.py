@@ -59,9 +59,7 @@ def test_multiprocess_engine_is_exact(
     with engine(tiny_model, ours=False) as llm:
         baseline = llm.generate(prompts, params, use_tqdm=False)
     with engine(tiny_model, ours=True, settings=settings) as llm:
-        assert not hasattr(llm.llm_engine.engine_core, "engine_core"), (
-            "not multiprocess"
-        )
+        assert not hasattr(llm.llm_engine.engine_core, "engine_core"), "not multiprocess"
         ours = llm.generate(prompts, params, use_tqdm=False)
         from async_executor import pipeline_stats
 

@@ -119,9 +119,7 @@ def test_matches_sync_path(
 def test_deeper_pipeline_matches_sync_path(tiny_model: str) -> None:
     baseline = _baseline(tiny_model, True, True)
     settings = {"depth": 3, "decode_window": 3}
-    with engine(
-        tiny_model, ours=True, settings=settings, **_engine_args(True, True)
-    ) as llm:
+    with engine(tiny_model, ours=True, settings=settings, **_engine_args(True, True)) as llm:
         assert llm.llm_engine.vllm_config.max_concurrent_batches == 3
         results = _run_all(llm)
         s = stats(llm)

@@ -30,9 +30,7 @@ PIPELINES = [
 VOCAB_START = 4  # ids 0-3 are special tokens
 
 
-def _random_workload(
-    vocab: int, n: int = 120, seed: int = 0
-) -> tuple[list[Any], list[Any]]:
+def _random_workload(vocab: int, n: int = 120, seed: int = 0) -> tuple[list[Any], list[Any]]:
     rng = random.Random(seed)
     prompts = [
         {
@@ -43,8 +41,7 @@ def _random_workload(
         for _ in range(n)
     ]
     params = [
-        SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 64), logprobs=2)
-        for _ in range(n)
+        SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 64), logprobs=2) for _ in range(n)
     ]
     return prompts, params
 
@@ -57,9 +54,7 @@ def _vocab(model: str) -> int:
 
 
 @pytest.mark.parametrize("settings", PIPELINES)
-def test_many_random_requests_in_one_call(
-    tiny_model: str, settings: dict[str, Any]
-) -> None:
+def test_many_random_requests_in_one_call(tiny_model: str, settings: dict[str, Any]) -> None:
     prompts, params = _random_workload(_vocab(tiny_model))
     with engine(tiny_model, ours=False) as llm:
         baseline = generate(llm, prompts, params)
@@ -142,13 +137,9 @@ def test_n_greater_than_one(tiny_model: str, settings: dict[str, Any]) -> None:
     assert_overlapped(s, windows=bool(settings))
 
 
-@pytest.mark.parametrize(
-    "chunked", [False, True], ids=["whole-prefill", "chunked-prefill"]
-)
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole-prefill", "chunked-prefill"])
 @pytest.mark.parametrize("settings", PIPELINES)
-def test_seeded_sampling(
-    tiny_model: str, settings: dict[str, Any], chunked: bool
-) -> None:
+def test_seeded_sampling(tiny_model: str, settings: dict[str, Any], chunked: bool) -> None:
     """Temperature 0.8 with a seed per request draws the same tokens.
 
     vLLM 0.32's stock CPU runner cannot run seeded sampling with chunked
@@ -158,9 +149,7 @@ def test_seeded_sampling(
     """
     prompts = corpus_prompts(24)
     params = [
-        SamplingParams(
-            temperature=0.8, top_p=0.95, max_tokens=32, seed=1000 + i, logprobs=1
-        )
+        SamplingParams(temperature=0.8, top_p=0.95, max_tokens=32, seed=1000 + i, logprobs=1)
         for i in range(len(prompts))
     ]
     with engine(tiny_model, ours=False) as llm:
@@ -174,10 +163,7 @@ def test_seeded_sampling(
     assert_same_outputs(baseline, ours)
     assert_overlapped(s, windows=bool(settings))
     # Seeds matter: two seeds give two different continuations.
-    assert (
-        baseline[0].outputs[0].token_ids
-        != baseline[len(prompts) // 2].outputs[0].token_ids
-    )
+    assert baseline[0].outputs[0].token_ids != baseline[len(prompts) // 2].outputs[0].token_ids
 
 
 def test_stock_runner_fails_seeded_chunked_prefill(tiny_model: str) -> None:
@@ -197,39 +183,25 @@ def test_stock_runner_fails_seeded_chunked_prefill(tiny_model: str) -> None:
 
 
 @pytest.mark.parametrize("settings", PIPELINES)
-def test_prompts_that_fill_max_model_len(
-    tiny_model: str, settings: dict[str, Any]
-) -> None:
+def test_prompts_that_fill_max_model_len(tiny_model: str, settings: dict[str, Any]) -> None:
     max_model_len = 256
     rng = random.Random(5)
     vocab = _vocab(tiny_model)
     prompts = [
         # Prompt + 1 output token = max_model_len exactly.
-        {
-            "prompt_token_ids": [
-                rng.randrange(VOCAB_START, vocab) for _ in range(max_model_len - 1)
-            ]
-        },
+        {"prompt_token_ids": [rng.randrange(VOCAB_START, vocab) for _ in range(max_model_len - 1)]},
         # Runs into max_model_len while decoding, inside a window.
-        {
-            "prompt_token_ids": [
-                rng.randrange(VOCAB_START, vocab) for _ in range(max_model_len - 9)
-            ]
-        },
+        {"prompt_token_ids": [rng.randrange(VOCAB_START, vocab) for _ in range(max_model_len - 9)]},
         {
             "prompt_token_ids": [
                 rng.randrange(VOCAB_START, vocab) for _ in range(max_model_len - 14)
             ]
         },
-    ] + [
-        {"prompt_token_ids": [rng.randrange(VOCAB_START, vocab) for _ in range(20)]}
-    ] * 3
+    ] + [{"prompt_token_ids": [rng.randrange(VOCAB_START, vocab) for _ in range(20)]}] * 3
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     with engine(tiny_model, ours=False, max_model_len=max_model_len) as llm:
         baseline = generate(llm, prompts, params)
-    with engine(
-        tiny_model, ours=True, settings=settings, max_model_len=max_model_len
-    ) as llm:
+    with engine(tiny_model, ours=True, settings=settings, max_model_len=max_model_len) as llm:
         ours = generate(llm, prompts, params)
         s = stats(llm)
     assert [len(o.outputs[0].token_ids) for o in baseline[:3]] == [1, 9, 14]

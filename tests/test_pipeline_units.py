@@ -154,9 +154,7 @@ def test_tracker_counts_overlap_and_carry_over() -> None:
     tracker.resolve(n)
     tracker.resolve(n1)
     # N+2 launched after everything resolved: nothing carried, no overlap.
-    tracker.launch(
-        decode_inputs=["a"], samplers=["a"], device_steps=1, carried_within=0
-    )
+    tracker.launch(decode_inputs=["a"], samplers=["a"], device_steps=1, carried_within=0)
     s = counters.snapshot()
     assert s.batches_launched == 3
     assert s.launched_before_predecessor_resolved == 1
@@ -192,9 +190,7 @@ def _scheduled(windows: dict[str, int], new: list[str] = ()):  # type: ignore[no
         ),
         num_scheduled_tokens=dict(windows),
         total_num_scheduled_tokens=sum(windows.values()),
-        scheduled_spec_decode_tokens={
-            r: [-1] * (w - 1) for r, w in windows.items() if w > 1
-        },
+        scheduled_spec_decode_tokens={r: [-1] * (w - 1) for r, w in windows.items() if w > 1},
         scheduled_encoder_inputs={},
         finished_req_ids={"gone"},
         free_encoder_mm_hashes=[],

@@ -88,9 +88,7 @@ def test_serve_rejects_unknown_executor(tiny_model: str) -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     args = _serve_parser().parse_args(["--model", tiny_model, "--executor", "nope"])
-    with pytest.raises(
-        ValueError, match="unknown executor 'nope'; valid executors: mp, uni"
-    ):
+    with pytest.raises(ValueError, match="unknown executor 'nope'; valid executors: mp, uni"):
         AsyncEngineArgs.from_cli_args(args).create_engine_config()
 
 
@@ -196,9 +194,7 @@ def test_vllm_serve_with_executor_flag(tiny_model: str, tmp_path: Path) -> None:
         )
         assert status == 200 and body["choices"][0]["text"] == expected[0], body
 
-        status, body = _post(
-            base + "/collective_rpc", {"method": "async_executor_stats"}
-        )
+        status, body = _post(base + "/collective_rpc", {"method": "async_executor_stats"})
         assert status == 200, body
         counters = body["results"][0]
         assert counters["batches_launched"] > 0, counters

@@ -30,11 +30,7 @@ class _SeededDiscardFix:
         if not generators:
             return {}
         mask = self.discard_request_mask.np[:num_reqs]
-        return {
-            int(i): generators[int(i)]
-            for i in mask.nonzero()[0]
-            if int(i) in generators
-        }
+        return {int(i): generators[int(i)] for i in mask.nonzero()[0] if int(i) in generators}
 
     def _sample(self, *args: Any, **kwargs: Any) -> Any:
         discarded = self._discarded_generators()

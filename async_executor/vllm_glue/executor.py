@@ -157,9 +157,7 @@ class AsyncExecutor(UniProcExecutor):
     def _run_first_step(self, step: SchedulerOutput) -> Any:
         return self.driver_worker.execute_model(step)
 
-    def _run_window(
-        self, plan: WindowPlan, grammar_output: GrammarOutput | None
-    ) -> list[Any]:
+    def _run_window(self, plan: WindowPlan, grammar_output: GrammarOutput | None) -> list[Any]:
         # Device step 0 was launched by execute_model; sample it, then run the
         # rest of the window. Step k's inputs are step k-1's sampled ids,
         # filled in on the device by the runner: no host round trip here.

@@ -5,7 +5,8 @@ workers) and, for `vllm serve`, before it builds the argument parser. It:
 - teaches `Executor.get_class` the short name `async_executor`, and turns an
   unknown short name into an error that lists the valid ones;
 - adds `--executor NAME` to vLLM's engine flags (the same setting as
-  `--distributed-executor-backend`).
+  `--distributed-executor-backend`);
+- with `ASYNC_EXECUTOR_TRACE=1`, installs the step tracer (`tracing.py`).
 Both wrap vLLM functions by delegation; nothing in vLLM's files changes.
 Importing this module must stay cheap: it runs in every vLLM process.
 """
@@ -102,3 +103,7 @@ def _wrap_cli_args() -> None:
 def register() -> None:
     _wrap_get_class()
     _wrap_cli_args()
+    from async_executor import tracing
+
+    if tracing.enabled():
+        tracing.install()

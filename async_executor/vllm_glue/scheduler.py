@@ -39,9 +39,7 @@ def _decode_state(r: Request) -> DecodeState:
         num_output_tokens=r.num_output_tokens + r.num_output_placeholders,
         max_tokens=r.max_tokens,
         num_computed_tokens=r.num_computed_tokens,
-        num_pending_inputs=r.num_tokens
-        + r.num_output_placeholders
-        - r.num_computed_tokens,
+        num_pending_inputs=r.num_tokens + r.num_output_placeholders - r.num_computed_tokens,
         needs_host_per_token=r.use_structured_output,
     )
 
@@ -170,9 +168,7 @@ class _WindowMixin:
             self._counters.add(wasted_tokens_dropped=computed - len(kept))
         return kept, stopped
 
-    def make_spec_decoding_stats(
-        self, spec_decoding_stats: Any, *args: Any, **kwargs: Any
-    ) -> Any:
+    def make_spec_decoding_stats(self, spec_decoding_stats: Any, *args: Any, **kwargs: Any) -> Any:
         # Window placeholders are not speculative drafts: no acceptance stats.
         if not self.num_spec_tokens:
             return spec_decoding_stats

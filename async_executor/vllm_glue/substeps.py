@@ -82,12 +82,8 @@ def plan_window(scheduled: SchedulerOutput) -> WindowPlan:
                     new_token_ids=[],
                     all_token_ids={},
                     new_block_ids=[None] * len(ids),
-                    num_computed_tokens=[
-                        cached.num_computed_tokens[position[r]] + k for r in ids
-                    ],
-                    num_output_tokens=[
-                        cached.num_output_tokens[position[r]] + k for r in ids
-                    ],
+                    num_computed_tokens=[cached.num_computed_tokens[position[r]] + k for r in ids],
+                    num_output_tokens=[cached.num_output_tokens[position[r]] + k for r in ids],
                 ),
                 num_scheduled_tokens=dict.fromkeys(ids, 1),
                 total_num_scheduled_tokens=len(ids),
@@ -149,9 +145,7 @@ def _merge_logprobs(outputs: list[ModelRunnerOutput]) -> LogprobsLists | None:
             # Padding columns lie beyond every request's own num_logprobs;
             # the front end reads only the first num_logprobs + 1.
             token_rows.append(np.pad(lp.logprob_token_ids[row], (0, pad)))
-            logprob_rows.append(
-                np.pad(lp.logprobs[row], (0, pad), constant_values=-np.inf)
-            )
+            logprob_rows.append(np.pad(lp.logprobs[row], (0, pad), constant_values=-np.inf))
             rank_rows.append(lp.sampled_token_ranks[row])
     return LogprobsLists(
         logprob_token_ids=np.stack(token_rows),

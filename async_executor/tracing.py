@@ -1,0 +1,157 @@
+"""Host-side spans of each engine step, for timelines and busy shares.
+
+Off unless the environment variable `ASYNC_EXECUTOR_TRACE` is set in the
+engine's processes (to `1`, or to a directory); the plugin entry point then
+calls `install()` in each vLLM process. It wraps, by delegation and for
+every executor alike (vLLM's and ours), the methods that make up a step:
+
+  lane       method
+  schedule   Scheduler.schedule
+  prepare    model runner execute_model (input preparation + forward launch;
+             on CPU the forward itself)
+  launch     model runner sample_tokens (sampling launch + device-to-host copy)
+  resolve    waiting for a step's sampled ids on the host (get_output)
+  update     Scheduler.update_from_output
+  forward    the model's forward pass (V1 runner; on CPU this is the device
+             work, on CUDA only its launch)
+
+Spans are (lane, start_ns, end_ns, thread id) on `time.perf_counter_ns`,
+which is CLOCK_MONOTONIC and so comparable across processes. `take_spans()`
+returns and clears this process's spans (callable over `collective_rpc`).
+When the variable names a directory, every traced process also appends its
+spans to `<dir>/<pid>.jsonl` twice a second, so that spans of processes no
+RPC reaches (vLLM's EngineCore when its worker runs elsewhere) are kept too;
+`read_span_files(dir)` collects them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ENV_FLAG = "ASYNC_EXECUTOR_TRACE"
+
+_spans: list[tuple[str, int, int, int]] = []
+_installed = False
+_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_FLAG, "") not in ("", "0")
+
+
+def _wrap(cls: type, name: str, lane: str) -> None:
+    original = cls.__dict__.get(name)
+    if original is None or getattr(original, "_async_executor_traced", False):
+        return
+
+    @functools.wraps(original)
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter_ns()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _spans.append((lane, start, time.perf_counter_ns(), threading.get_ident()))
+
+    traced._async_executor_traced = True  # type: ignore[attr-defined]
+    setattr(cls, name, traced)
+
+
+def _targets() -> list[tuple[Callable[[], type], str, str]]:
+    def scheduler() -> type:
+        from vllm.v1.core.sched.scheduler import Scheduler
+
+        return Scheduler
+
+    def v1_runner() -> type:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        return GPUModelRunner
+
+    def v2_runner() -> type:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+        return GPUModelRunner
+
+    def v1_output() -> type:
+        from vllm.v1.worker.gpu_model_runner import AsyncGPUModelRunnerOutput
+
+        return AsyncGPUModelRunnerOutput
+
+    def v2_output() -> type:
+        from vllm.v1.worker.gpu.async_utils import AsyncOutput
+
+        return AsyncOutput
+
+    return [
+        (scheduler, "schedule", "schedule"),
+        (scheduler, "update_from_output", "update"),
+        (v1_runner, "execute_model", "prepare"),
+        (v1_runner, "sample_tokens", "launch"),
+        (v1_runner, "_model_forward", "forward"),
+        (v2_runner, "execute_model", "prepare"),
+        (v2_runner, "sample_tokens", "launch"),
+        (v1_output, "get_output", "resolve"),
+        (v2_output, "get_output", "resolve"),
+    ]
+
+
+def install() -> None:
+    """Wrap the step methods in this process (idempotent)."""
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        for get_cls, name, lane in _targets():
+            try:
+                cls = get_cls()
+            except Exception:  # a runner this vLLM build lacks (e.g. V2 on CPU)
+                continue
+            _wrap(cls, name, lane)
+        _installed = True
+        directory = os.environ.get(ENV_FLAG, "")
+        if directory not in ("", "0", "1"):
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            _start_flusher()
+            # vLLM forks its EngineCore and worker processes from this one: a
+            # forked child keeps the wrapped methods but not the thread.
+            os.register_at_fork(after_in_child=_start_flusher)
+
+
+def _start_flusher() -> None:
+    global _spans
+    _spans = []
+    directory = Path(os.environ[ENV_FLAG])
+    threading.Thread(target=_flush_forever, args=(directory,), daemon=True).start()
+
+
+def _flush_forever(directory: Path) -> None:
+    global _spans
+    path = directory / f"{os.getpid()}.jsonl"
+    while True:
+        time.sleep(0.5)
+        spans, _spans = _spans, []
+        if spans:
+            with path.open("a") as fh:
+                fh.write(json.dumps(spans) + "\n")
+
+
+def read_span_files(directory: str | Path) -> list[tuple[str, int, int, int]]:
+    spans: list[tuple[str, int, int, int]] = []
+    for path in Path(directory).glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            spans.extend(tuple(s) for s in json.loads(line))  # type: ignore[misc]
+    return spans
+
+
+def take_spans(_worker: Any = None) -> dict[str, Any]:
+    """This process's spans since the last call (and clear them)."""
+    global _spans
+    spans, _spans = _spans, []
+    return {"pid": os.getpid(), "spans": spans}

@@ -1,0 +1,200 @@
+"""Benchmark: one workload, several systems, one invocation.
+
+    python -m benchmarks --preset smoke --out DIR
+    python -m benchmarks --shape llama-1b --batch 128 --prompt-len 256 \
+        --gen-len 1024 --systems vllm-sync,vllm-async,async_executor[decode_window=8] \
+        --out DIR --timeline
+
+Each system runs in its own process (`benchmarks.run_one`) on the same
+prompts (random token ids, fixed seed), greedy, ignore_eos. Writes
+DIR/results.json (one record per system and workload, sharing a run_id),
+prints a summary table, and with --timeline (always for the smoke preset)
+draws DIR/timeline.png: the host stages and the device work of a few steps,
+synchronous vLLM above async_executor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from benchmarks.shapes import materialize
+from benchmarks.systems import parse_system
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A tiny model on CPU, minutes on a 2-core machine; CI runs it.
+    "smoke": dict(
+        shape="tiny", workloads=[(32, 64, 128)], device="cpu", reps=2, timeline=True,
+        systems="vllm-sync,vllm-async,async_executor,async_executor[decode_window=4]",
+    ),
+    # The 1B shape where vLLM's host work per step exceeds the GPU's.
+    "cpu-bound": dict(
+        shape="llama-1b", workloads=[(32, 256, 1024), (128, 256, 1024)], device="cuda",
+        reps=2, attention_backend="TRITON_ATTN",
+        systems="vllm-sync,vllm-async,async_executor,async_executor[decode_window=8]",
+    ),
+    # The reference design's headline: 8B, 32 sequences, 8K new tokens.
+    "reference": dict(
+        shape="llama-8b", workloads=[(32, 256, 8192)], device="cuda", reps=1,
+        attention_backend="TRITON_ATTN", timeline=True,
+        systems="vllm-sync,vllm-async,async_executor[decode_window=8]",
+    ),
+}  # fmt: skip
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--shape", help="tiny, llama-1b, llama-8b, or a config.json path")
+    p.add_argument("--batch", type=int, help="sequences (one workload)")
+    p.add_argument("--prompt-len", type=int)
+    p.add_argument("--gen-len", type=int)
+    p.add_argument("--systems", help="comma-separated (see benchmarks/systems.py)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    p.add_argument("--attention-backend", help="e.g. TRITON_ATTN (GPU host)")
+    p.add_argument("--reps", type=int, help="timed repetitions per system")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if present")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--timeline", action="store_true", help="write timeline.png")
+    p.add_argument("--models-dir", help="where model configs are written")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per system")
+    return p.parse_args(argv)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    cfg: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
+    if args.shape:
+        cfg["shape"] = args.shape
+    if args.batch or args.prompt_len or args.gen_len:
+        base = cfg.get("workloads", [(32, 256, 1024)])[0]
+        cfg["workloads"] = [(args.batch or base[0], args.prompt_len or base[1],
+                             args.gen_len or base[2])]  # fmt: skip
+    for key in ("systems", "reps", "device", "attention_backend"):
+        if getattr(args, key):
+            cfg[key] = getattr(args, key)
+    cfg.setdefault("shape", "tiny")
+    cfg.setdefault("workloads", [(32, 256, 1024)])
+    cfg.setdefault("reps", 1)
+    cfg.setdefault("systems", "vllm-sync,vllm-async,async_executor")
+    if "device" not in cfg:
+        import torch
+
+        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg["timeline"] = bool(args.timeline or cfg.get("timeline"))
+    return cfg
+
+
+def _progress(total: int) -> Any:
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="run", dynamic_ncols=True)
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    cfg = _settings(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models_dir = Path(args.models_dir or Path(tempfile.gettempdir()) / "async_executor_models")
+    model = materialize(cfg["shape"], models_dir)
+    systems = [parse_system(s) for s in cfg["systems"].split(",")]
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+
+    records: list[dict[str, Any]] = []
+    bar = _progress(len(systems) * len(cfg["workloads"]))
+    for batch, prompt_len, gen_len in cfg["workloads"]:
+        for system in systems:
+            if bar is not None:
+                bar.set_description(f"{system.name} b{batch}")
+            spec = dict(
+                run_id=run_id, system=system.name, shape=model.shape, model=model.path,
+                dummy=model.dummy, vocab_size=model.vocab_size, batch=batch,
+                prompt_len=prompt_len, gen_len=gen_len, tp=args.tp,
+                attention_backend=cfg.get("attention_backend"), reps=cfg["reps"],
+                device=cfg["device"], command=command,
+            )  # fmt: skip
+            records.append(_run(spec, out, args.timeout))
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    (out / "results.json").write_text(json.dumps(records, indent=1))
+    print(summary_table(records))
+    if cfg["timeline"]:
+        from benchmarks.timeline import draw_timeline
+
+        path = draw_timeline(records, out / "timeline.png")
+        print(f"timeline: {path}")
+    print(f"records: {out / 'results.json'}")
+    failed = [r for r in records if r.get("error")]
+    return 1 if failed else 0
+
+
+def _run(spec: dict[str, Any], out: Path, timeout: int) -> dict[str, Any]:
+    tag = f"{spec['system']}-b{spec['batch']}".replace("[", "_").replace("]", "")
+    tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
+    spec_path, rec_path = out / f".{tag}.spec.json", out / f".{tag}.record.json"
+    spec_path.write_text(json.dumps(spec))
+    log = out / f"{tag}.log"
+    with log.open("w") as fh:
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.run_one", str(spec_path), str(rec_path)],
+            stdout=fh, stderr=subprocess.STDOUT, timeout=timeout,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    spec_path.unlink(missing_ok=True)
+    if proc.returncode != 0 or not rec_path.exists():
+        tail = log.read_text()[-3000:]
+        print(f"\n{spec['system']} failed (exit {proc.returncode}); log {log}:\n{tail}")
+        return {k: spec[k] for k in ("run_id", "system", "shape", "batch", "tp",
+                                     "prompt_len", "gen_len")} | {
+            "error": f"exit {proc.returncode}", "log": str(log)}  # fmt: skip
+    record: dict[str, Any] = json.loads(rec_path.read_text())
+    rec_path.unlink()
+    return record
+
+
+def summary_table(records: list[dict[str, Any]]) -> str:
+    lines = []
+    header = (f"{'system':38} {'batch':>5} {'tok/s':>10} {'wall s':>8} {'step ms':>8} "
+              f"{'busy':>6} {'nvml':>6} {'ratio':>6}  same-out")  # fmt: skip
+    by_workload: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
+    for r in records:
+        by_workload.setdefault((r["batch"], r["prompt_len"], r["gen_len"]), []).append(r)
+    for (batch, plen, glen), group in by_workload.items():
+        first = next((r for r in group if "tokens_per_s" in r), None)
+        card = first.get("card", "?") if first else "?"
+        lines.append(f"\nworkload: batch {batch}, prompt {plen}, gen {glen}  [{card}]")
+        lines.append(header)
+        for r in group:
+            if "tokens_per_s" not in r:
+                why = r.get("skipped") or r.get("error")
+                lines.append(f"{r['system']:38} {batch:>5}  -- {why}")
+                continue
+            ratio = r["tokens_per_s"] / first["tokens_per_s"] if first else 1.0
+            nvml = r.get("gpu_busy_nvml")
+            same = "yes" if first and r["output_digest"] == first["output_digest"] else "NO"
+            lines.append(
+                f"{r['system']:38} {batch:>5} {r['tokens_per_s']:>10.0f} {r['wall_s']:>8.2f} "
+                f"{r['decode_step_ms']:>8.2f} {r['gpu_busy']:>6.1%} "
+                f"{(f'{nvml:.0%}' if nvml is not None else '-'):>6} {ratio:>6.2f}  {same}"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
