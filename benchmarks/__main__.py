@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -109,8 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     models_dir = Path(args.models_dir or Path(tempfile.gettempdir()) / "async_executor_models")
     model = materialize(cfg["shape"], models_dir)
-    systems = [parse_system(s) for s in cfg["systems"].split(",")]
-    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    # Commas inside brackets separate settings, not systems.
+    systems = [parse_system(s) for s in re.split(r",(?![^\[]*\])", cfg["systems"])]
+    # Several invocations of one session may share a run id.
+    run_id = os.environ.get("ASYNC_EXECUTOR_RUN_ID") or (
+        time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    )
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
 
     records: list[dict[str, Any]] = []

@@ -256,3 +256,45 @@ def test_merge_concatenates_tokens_and_logprobs_per_request() -> None:
     # Rows from narrower steps are padded beyond every request's own width.
     assert lp.logprobs.shape == (6, 3) and np.isneginf(lp.logprobs[1, 2])
     assert lp.slice_request(1, 3).sampled_token_ranks.tolist() == [2, 20, 200]
+
+
+# -- the window's output update against vLLM's per-token one -----------------
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_window_update_equals_per_token_update(seed: int) -> None:
+    import random
+    import types
+
+    from vllm import SamplingParams
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.request import Request
+
+    from async_executor.vllm_glue.scheduler import _WindowUpdate
+
+    rng = random.Random(seed)
+    prompt = [rng.randrange(5, 50) for _ in range(rng.randint(1, 20))]
+    stop_ids = rng.sample(range(5, 50), rng.randint(0, 3))
+    max_tokens = rng.randint(1, 40)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        stop_token_ids=stop_ids,
+        ignore_eos=rng.random() < 0.3,
+        min_tokens=rng.randint(0, min(5, max_tokens)),
+    )
+    if not params.ignore_eos:
+        params._eos_token_id = rng.randrange(5, 50)
+    fake = types.SimpleNamespace(max_model_len=len(prompt) + rng.randint(1, 60))
+    earlier = [rng.randrange(5, 50) for _ in range(rng.randint(0, 3))]
+    made = []
+    for _ in range(2):
+        request = Request(f"r{seed}", list(prompt), params, None)
+        request.append_output_token_ids(list(earlier))
+        made.append(request)
+    window = [rng.randrange(5, 50) for _ in range(rng.randint(2, 16))]
+    base_tokens, base_stop = Scheduler._update_request_with_output(fake, made[0], list(window))
+    fast_tokens, fast_stop = _WindowUpdate._update_request_with_output(fake, made[1], list(window))
+    assert (fast_tokens, fast_stop) == (base_tokens, base_stop)
+    assert list(made[1].output_token_ids) == list(made[0].output_token_ids)
+    assert made[1].status == made[0].status
+    assert made[1].stop_reason == made[0].stop_reason

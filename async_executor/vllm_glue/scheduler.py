@@ -18,7 +18,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.outputs import ModelRunnerOutput
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
 from async_executor.pipeline.counters import PipelineCounters, counters_for
 from async_executor.pipeline.window import DecodeState, uniform_window
@@ -204,13 +204,62 @@ def _make_windows_uniform(scheduler_output: SchedulerOutput) -> None:
     scheduler_output.total_num_scheduled_tokens -= cut
 
 
-class WindowScheduler(_WindowMixin, AsyncScheduler):
+class _WindowUpdate(Scheduler):
+    """vLLM's per-token output update, done once per window.
+
+    For each sampled token vLLM appends it to the request (re-hashing KV
+    blocks) and runs `check_stop`. A window of w tokens is checked here in
+    one pass with the same order of conditions (EOS, stop token ids, then the
+    length caps; a stop token wins a tie with a length cap) and appended at
+    once. Requests with repetition detection, and single tokens, take
+    vLLM's own path.
+    """
+
+    def _update_request_with_output(
+        self, request: Request, new_token_ids: list[int], *args: Any, **kwargs: Any
+    ) -> tuple[list[int], bool]:
+        params = request.sampling_params
+        n = len(new_token_ids)
+        if n <= 1 or params is None or params.repetition_detection is not None:
+            return super()._update_request_with_output(request, new_token_ids, *args, **kwargs)
+        # 1-based position of the token at which the request stops, if any.
+        stop_at, reason = n + 1, RequestStatus.FINISHED_STOPPED
+        stop_token: int | None = None
+        eos, stop_ids = params.eos_token_id, params.stop_token_ids
+        if eos is not None or stop_ids:
+            for i, token in enumerate(new_token_ids, 1):
+                if token == eos:
+                    stop_at = i
+                    break
+                if stop_ids and token in stop_ids:
+                    stop_at, stop_token = i, token
+                    break
+        length_cap = max(
+            1,
+            min(
+                self.max_model_len - request.num_tokens,
+                request.max_tokens - request.num_output_tokens,
+            ),
+        )
+        if length_cap < stop_at:
+            stop_at, reason, stop_token = length_cap, RequestStatus.FINISHED_LENGTH_CAPPED, None
+        del new_token_ids[stop_at:]
+        request.append_output_token_ids(new_token_ids)
+        if stop_at > n:
+            return new_token_ids, False
+        request.status = reason
+        if stop_token is not None:
+            request.stop_reason = stop_token
+        return new_token_ids, True
+
+
+class WindowScheduler(_WindowMixin, AsyncScheduler, _WindowUpdate):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._init_window()
 
 
-class SyncWindowScheduler(_WindowMixin, Scheduler):
+class SyncWindowScheduler(_WindowMixin, _WindowUpdate):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._init_window()
