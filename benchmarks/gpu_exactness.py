@@ -156,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(64)
     ]
     results.append(
-        _check(
-            "llama-1b-shape", str(model_dir), prompts_1b, params, settings, load_format="dummy"
-        )  # fmt: skip
+        _check("llama-1b-shape", str(model_dir), prompts_1b, params, settings, load_format="dummy")
     )
 
     out = Path(args.out)

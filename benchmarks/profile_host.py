@@ -18,6 +18,7 @@ import os
 import pstats
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     kwargs.update(system.engine_kwargs)
     llm = LLM(model.path, **kwargs)
-    prompts = [{"prompt_token_ids": t} for t in make_prompts(
+    prompts: list[Any] = [{"prompt_token_ids": t} for t in make_prompts(
         args.batch, args.prompt_len, model.vocab_size)]  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=args.gen_len, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)
