@@ -28,14 +28,16 @@ from typing import Any
 from benchmarks.shapes import PRESETS
 
 
-def _word_tokenizer(path: Path, vocab: int) -> None:
+def _word_tokenizer(path: Path, vocab: int, eos: str | None = None) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token=eos).save_pretrained(
+        path
+    )
 
 
 def _engine(model: str, ours: bool, settings: dict[str, Any], **kw: Any) -> Any:
@@ -83,10 +85,16 @@ def _check(name: str, model: str, prompts: list[Any], params: list[Any],
     mine = llm.generate(prompts, params, use_tqdm=False)
     stats = pipeline_stats(llm).as_dict()
     _close(llm)
-    reasons = collections.Counter(
-        f"{o.outputs[0].finish_reason}:{'eos' if o.outputs[0].stop_reason is None else 'str'}"
-        for o in base
-    )
+
+    def ending(o: Any) -> str:
+        c = o.outputs[0]
+        if c.finish_reason != "stop":
+            return str(c.finish_reason)
+        if c.stop_reason is None:
+            return "eos"
+        return "stop-string" if isinstance(c.stop_reason, str) else "stop-token"
+
+    reasons = collections.Counter(ending(o) for o in base)
     mismatched = _compare(base, mine)
     result = {
         "model": name,
@@ -149,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     common = [t for t, _ in counts.most_common(12)]
     config["eos_token_id"] = common[0]
     (model_dir / "config.json").write_text(json.dumps(config))
+    # vLLM takes the primary EOS from the tokenizer: declare it there too.
+    _word_tokenizer(model_dir, config["vocab_size"], eos=f"w{common[0]}")
     (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": common[0]}))
     stop_words = [f" w{t} " for t in common[1:6]]
     params = [

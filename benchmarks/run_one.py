@@ -178,7 +178,7 @@ def run_hf(spec: dict[str, Any], system: System) -> dict[str, Any]:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(
-            config, torch_dtype=torch.bfloat16, attn_implementation="sdpa_paged"
+            config, torch_dtype=torch.bfloat16, attn_implementation="paged|sdpa"
         )
     with torch.no_grad():
         # Same distribution as vLLM's dummy loader.

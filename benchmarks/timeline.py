@@ -1,6 +1,7 @@
 """The timeline picture: host stages and device work of a few steps.
 
-One panel per system (vLLM synchronous above async_executor), one lane per
+One panel per system (vLLM synchronous, or else vLLM's default, above
+async_executor), one lane per
 host stage (schedule, prepare, launch, resolve, update) and one for the
 device (kernels on GPU; the forward pass on CPU). Gaps in the device lane are
 the device idling.
@@ -24,7 +25,10 @@ COLORS = {
 
 def _pick(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     usable = [r for r in records if r.get("timeline")]
-    sync = next((r for r in usable if r["system"] == "vllm-sync"), None)
+    # The baseline: vLLM synchronous if it ran, else vLLM's default.
+    sync = next((r for r in usable if r["system"] == "vllm-sync"), None) or next(
+        (r for r in usable if r["system"] == "vllm-async"), None
+    )
     ours = [r for r in usable if r["system"].startswith("async_executor")]
     # The most tuned of ours: the last one listed.
     chosen = [r for r in (sync, ours[-1] if ours else None) if r is not None]

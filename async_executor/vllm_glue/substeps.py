@@ -123,33 +123,45 @@ def merge_outputs(outputs: list[ModelRunnerOutput]) -> ModelRunnerOutput:
 
 
 def _merge_logprobs(outputs: list[ModelRunnerOutput]) -> LogprobsLists | None:
-    if all(out.logprobs is None for out in outputs):
+    """Rows request by request (the first step's order), each request's rows
+    in step order; vectorised over the batch."""
+    present_lists = [out.logprobs for out in outputs if out.logprobs is not None]
+    if not present_lists:
         return None
     first = outputs[0]
-    width = max(out.logprobs.logprobs.shape[1] for out in outputs if out.logprobs)
-    token_rows: list[np.ndarray] = []
-    logprob_rows: list[np.ndarray] = []
-    rank_rows: list[np.ndarray] = []
-    starts: list[int] = []
-    for req_id in first.req_ids:
-        starts.append(len(rank_rows))
-        for out in outputs:
-            i = out.req_id_to_index.get(req_id)
-            if i is None or out.logprobs is None:
-                continue
-            lp = out.logprobs
-            row = lp.cu_num_generated_tokens[i] if lp.cu_num_generated_tokens else i
-            if row >= len(lp.sampled_token_ranks):
-                continue
-            pad = width - lp.logprobs.shape[1]
-            # Padding columns lie beyond every request's own num_logprobs;
-            # the front end reads only the first num_logprobs + 1.
-            token_rows.append(np.pad(lp.logprob_token_ids[row], (0, pad)))
-            logprob_rows.append(np.pad(lp.logprobs[row], (0, pad), constant_values=-np.inf))
-            rank_rows.append(lp.sampled_token_ranks[row])
+    num_reqs, num_steps = len(first.req_ids), len(outputs)
+    width = max(lp.logprobs.shape[1] for lp in present_lists)
+    ref = present_lists[0]
+    tokens = np.zeros((num_steps, num_reqs, width), dtype=ref.logprob_token_ids.dtype)
+    # Padding columns lie beyond every request's own num_logprobs; the front
+    # end reads only the first num_logprobs + 1.
+    logprobs = np.full((num_steps, num_reqs, width), -np.inf, dtype=ref.logprobs.dtype)
+    ranks = np.zeros((num_steps, num_reqs), dtype=ref.sampled_token_ranks.dtype)
+    present = np.zeros((num_steps, num_reqs), dtype=bool)
+    for k, out in enumerate(outputs):
+        lp = out.logprobs
+        if lp is None:
+            continue
+        index = out.req_id_to_index
+        rows = np.fromiter(
+            (index.get(req_id, -1) for req_id in first.req_ids), dtype=np.int64, count=num_reqs
+        )
+        if lp.cu_num_generated_tokens:
+            cu = np.asarray(lp.cu_num_generated_tokens, dtype=np.int64)
+            rows = np.where(rows >= 0, cu[np.maximum(rows, 0)], -1)
+        valid = (rows >= 0) & (rows < len(lp.sampled_token_ranks))
+        picked = rows[valid]
+        w = lp.logprobs.shape[1]
+        tokens[k, valid, :w] = lp.logprob_token_ids[picked]
+        logprobs[k, valid, :w] = lp.logprobs[picked]
+        ranks[k, valid] = lp.sampled_token_ranks[picked]
+        present[k, valid] = True
+    by_request = present.T
+    counts = by_request.sum(axis=1)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1])).tolist()
     return LogprobsLists(
-        logprob_token_ids=np.stack(token_rows),
-        logprobs=np.stack(logprob_rows),
-        sampled_token_ranks=np.asarray(rank_rows),
+        logprob_token_ids=tokens.transpose(1, 0, 2)[by_request],
+        logprobs=logprobs.transpose(1, 0, 2)[by_request],
+        sampled_token_ranks=ranks.T[by_request],
         cu_num_generated_tokens=starts,
     )

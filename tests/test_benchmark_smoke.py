@@ -1,0 +1,43 @@
+"""The benchmark CLI's smoke preset, end to end on CPU (what CI runs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_smoke_preset_writes_records_and_timeline(tmp_path: Path) -> None:
+    out = tmp_path / "smoke"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--preset", "smoke", "--out", str(out),
+         "--models-dir", str(tmp_path / "models")],
+        cwd=ROOT, capture_output=True, text=True, timeout=850,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads((out / "results.json").read_text())
+    by_system = {r["system"]: r for r in records}
+    assert {"vllm-sync", "async_executor"} <= set(by_system)
+    required = {"run_id", "system", "shape", "batch", "tp", "prompt_len", "gen_len",
+                "tokens_per_s", "wall_s", "gpu_busy", "card", "vllm_version",
+                "torch_version"}  # fmt: skip
+    for record in records:
+        assert required <= set(record), required - set(record)
+        assert 0.0 < record["gpu_busy"] <= 1.0, record["gpu_busy"]
+        assert record["tokens_per_s"] > 0
+    assert len({r["run_id"] for r in records}) == 1
+    # Every system generated the same tokens.
+    assert len({r["output_digest"] for r in records}) == 1
+    ours = by_system["async_executor"]["pipeline_stats"]
+    assert ours["launched_before_predecessor_resolved"] > 0, ours
+    assert by_system["async_executor[decode_window=4]"]["pipeline_stats"]["windowed_batches"] > 0
+    png = out / "timeline.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "async_executor" in proc.stdout and "tok/s" in proc.stdout
