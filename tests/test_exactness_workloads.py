@@ -207,3 +207,27 @@ def test_prompts_that_fill_max_model_len(tiny_model: str, settings: dict[str, An
     assert [len(o.outputs[0].token_ids) for o in baseline[:3]] == [1, 9, 14]
     assert_same_outputs(baseline, ours)
     assert s.batches_launched > 0 and s.launched_before_predecessor_resolved > 0, s
+
+
+@pytest.mark.parametrize("window", [1, 4])
+def test_overlap_switch_off_runs_the_synchronous_loop(tiny_model: str, window: int) -> None:
+    """`overlap=False`: the same executor, vLLM's synchronous step loop: no
+    batch is launched ahead of its predecessor's result, outputs unchanged;
+    decode windows still work (their steps run back to back)."""
+    prompts = corpus_prompts(16)
+    params = SamplingParams(temperature=0.0, max_tokens=24, logprobs=1)
+    with engine(tiny_model, ours=False) as llm:
+        baseline = generate(llm, prompts, params)
+    settings = {"overlap": False, "decode_window": window}
+    with engine(tiny_model, ours=True, settings=settings) as llm:
+        config = llm.llm_engine.vllm_config
+        assert config.scheduler_config.async_scheduling is False
+        assert config.max_concurrent_batches == 1
+        ours = generate(llm, prompts, params)
+        s = stats(llm)
+    assert_same_outputs(baseline, ours)
+    assert s.batches_launched > 0, s
+    assert s.launched_before_predecessor_resolved == 0, s
+    assert s.max_in_flight == 1, s
+    # Between batches nothing is carried over; inside a window it is.
+    assert (s.windowed_batches > 0) == (window > 1), s
