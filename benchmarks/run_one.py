@@ -20,6 +20,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,58 @@ def _timeline_window(spans: list[Any], kernels: list[Any], lo: int, hi: int,
     }
 
 
+@dataclass
+class Timed:
+    """The timed calls of one system: wall times, NVML means, outputs."""
+
+    walls: list[float]
+    nvml: list[float | None]
+    digest: str
+    gen_tokens: int
+
+    @property
+    def wall(self) -> float:
+        return statistics.median(self.walls)
+
+
+def timed_reps(
+    generate: Callable[[], list[list[int]]], reps: int, poller: measure.NvmlPoller | None
+) -> Timed:
+    timed = Timed([], [], "", 0)
+    for rep in range(reps):
+        if poller is not None:
+            poller.__enter__()
+        t0 = time.perf_counter()
+        tokens = generate()
+        timed.walls.append(time.perf_counter() - t0)
+        if poller is not None:
+            poller.__exit__()
+            timed.nvml.append(poller.mean)
+        if rep == 0:
+            timed.digest, timed.gen_tokens = digest(tokens), sum(len(t) for t in tokens)
+    return timed
+
+
+def base_record(system: System, spec: dict[str, Any], timed: Timed, busy: float,
+                lo: int, hi: int, card: str) -> dict[str, Any]:  # fmt: skip
+    import torch
+
+    return {
+        "system": system.name,
+        "tokens_per_s": timed.gen_tokens / timed.wall,
+        "wall_s": timed.wall,
+        "gpu_busy": busy,
+        "gpu_busy_nvml": _mean(timed.nvml),
+        "card": card,
+        "torch_version": torch.__version__,
+        "decode_step_ms": 1000 * timed.wall / spec["gen_len"],
+        "reps_wall_s": timed.walls,
+        "profiled_wall_s": (hi - lo) / 1e9,
+        "generated_tokens": timed.gen_tokens,
+        "output_digest": timed.digest,
+    }
+
+
 def run_vllm(spec: dict[str, Any], system: System) -> dict[str, Any]:
     import vllm
     from vllm import LLM, SamplingParams
@@ -99,22 +153,12 @@ def run_vllm(spec: dict[str, Any], system: System) -> dict[str, Any]:
                  use_tqdm=False)  # fmt: skip
 
     poller = measure.NvmlPoller() if on_gpu else None
-    walls: list[float] = []
-    nvml: list[float | None] = []
-    first_digest, gen_tokens = "", 0
-    for rep in range(spec["reps"]):
-        if poller is not None:
-            poller.__enter__()
-        t0 = time.perf_counter()
+
+    def generate() -> list[list[int]]:
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        walls.append(time.perf_counter() - t0)
-        if poller is not None:
-            poller.__exit__()
-            nvml.append(poller.mean)
-        if rep == 0:
-            tokens = [list(o.outputs[0].token_ids) for o in outputs]
-            first_digest = digest(tokens)
-            gen_tokens = sum(len(t) for t in tokens)
+        return [list(o.outputs[0].token_ids) for o in outputs]
+
+    timed = timed_reps(generate, spec["reps"], poller)
 
     # One more run with the device-side measurement on.
     if on_gpu:
@@ -136,24 +180,10 @@ def run_vllm(spec: dict[str, Any], system: System) -> dict[str, Any]:
         from async_executor import pipeline_stats
 
         stats = pipeline_stats(llm).as_dict()
-    wall = statistics.median(walls)
-    import torch
-
-    record = {
-        "system": system.name,
-        "tokens_per_s": gen_tokens / wall,
-        "wall_s": wall,
-        "gpu_busy": busy,
-        "gpu_busy_nvml": _mean(nvml),
-        "card": poller.card() if poller is not None else _cpu_name(),
+    card = poller.card() if poller is not None else _cpu_name()
+    record = base_record(system, spec, timed, busy, lo, hi, card) | {
         "vllm_version": vllm.__version__,
-        "torch_version": torch.__version__,
-        "decode_step_ms": 1000 * wall / spec["gen_len"],
-        "reps_wall_s": walls,
-        "profiled_wall_s": (hi - lo) / 1e9,
         "startup_s": startup_s,
-        "generated_tokens": gen_tokens,
-        "output_digest": first_digest,
         "async_scheduling": bool(config.scheduler_config.async_scheduling),
         "model_runner": "v2" if config.use_v2_model_runner else "v1",
         "settings": system.settings,
@@ -194,40 +224,22 @@ def run_hf(spec: dict[str, Any], system: System) -> dict[str, Any]:
     model.generate_batch(prompts[:8], generation_config=generation,
                          continuous_batching_config=cb)  # fmt: skip
     poller = measure.NvmlPoller()
-    walls: list[float] = []
-    nvml: list[float | None] = []
-    first_digest, gen_tokens = "", 0
-    for rep in range(spec["reps"]):
-        with poller:
-            t0 = time.perf_counter()
-            out = model.generate_batch(prompts, generation_config=generation,
-                                       continuous_batching_config=cb)  # fmt: skip
-            walls.append(time.perf_counter() - t0)
-        nvml.append(poller.mean)
-        if rep == 0:
-            tokens = [list(v.generated_tokens) for _, v in sorted(out.items())]
-            first_digest, gen_tokens = digest(tokens), sum(len(t) for t in tokens)
+
+    def generate() -> list[list[int]]:
+        out = model.generate_batch(prompts, generation_config=generation,
+                                   continuous_batching_config=cb)  # fmt: skip
+        return [list(v.generated_tokens) for _, v in sorted(out.items())]
+
+    timed = timed_reps(generate, spec["reps"], poller)
     measure.profiler_start()
     lo = time.perf_counter_ns()
     model.generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
     hi = time.perf_counter_ns()
     kernels = measure.profiler_stop()
-    wall = statistics.median(walls)
-    return {
-        "system": system.name,
-        "tokens_per_s": gen_tokens / wall,
-        "wall_s": wall,
-        "gpu_busy": measure.busy_share(kernels, lo, hi),
-        "gpu_busy_nvml": _mean(nvml),
-        "card": poller.card(),
+    busy = measure.busy_share(kernels, lo, hi)
+    return base_record(system, spec, timed, busy, lo, hi, poller.card()) | {
         "vllm_version": None,
         "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__,
-        "decode_step_ms": 1000 * wall / spec["gen_len"],
-        "reps_wall_s": walls,
-        "profiled_wall_s": (hi - lo) / 1e9,
-        "generated_tokens": gen_tokens,
-        "output_digest": first_digest,
         "settings": {"use_async_batching": system.hf_async},
         "timeline": _timeline_window([], kernels, lo, hi, 12, spec["gen_len"]),
     }

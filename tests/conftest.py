@@ -147,3 +147,30 @@ def assert_overlapped(s: PipelineStats, *, windows: bool = False) -> None:
 
 def metric(llm: Any, name: str) -> float:
     return sum(m.value for m in llm.get_metrics() if m.name == name)
+
+
+def make_scheduled(windows: dict[str, int], *, finished: set[str] | None = None,
+                   new_blocks: bool = False) -> Any:  # fmt: skip
+    """A vLLM SchedulerOutput of running requests with decode windows
+    (request -> window length), as our scheduler writes them."""
+    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+
+    ids = list(windows)
+    return SchedulerOutput(
+        scheduled_new_reqs=[],
+        scheduled_cached_reqs=CachedRequestData(
+            req_ids=ids,
+            resumed_req_ids=set(),
+            new_token_ids=[],
+            all_token_ids={},
+            new_block_ids=[([7],) if new_blocks else None for _ in ids],
+            num_computed_tokens=[10 * (i + 1) for i in range(len(ids))],
+            num_output_tokens=[i + 1 for i in range(len(ids))],
+        ),
+        num_scheduled_tokens=dict(windows),
+        total_num_scheduled_tokens=sum(windows.values()),
+        scheduled_spec_decode_tokens={r: [-1] * (w - 1) for r, w in windows.items() if w > 1},
+        scheduled_encoder_inputs={},
+        finished_req_ids=set(finished or ()),
+        free_encoder_mm_hashes=[],
+    )

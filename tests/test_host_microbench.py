@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 from vllm import SamplingParams
-from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.outputs import LogprobsLists, ModelRunnerOutput
 from vllm.v1.request import Request
@@ -30,31 +30,14 @@ from async_executor.pipeline.counters import PipelineCounters
 from async_executor.pipeline.in_flight import InFlightTracker
 from async_executor.vllm_glue.scheduler import _WindowUpdate
 from async_executor.vllm_glue.substeps import merge_outputs, plan_window
+from tests.conftest import make_scheduled
 
 WINDOW = 8
 BATCHES = [32, 128, 512]
 
 
 def scheduled(batch: int) -> SchedulerOutput:
-    ids = [f"req-{i}" for i in range(batch)]
-    return SchedulerOutput(
-        scheduled_new_reqs=[],
-        scheduled_cached_reqs=CachedRequestData(
-            req_ids=ids,
-            resumed_req_ids=set(),
-            new_token_ids=[],
-            all_token_ids={},
-            new_block_ids=[None] * batch,
-            num_computed_tokens=[300 + i for i in range(batch)],
-            num_output_tokens=[40 + i for i in range(batch)],
-        ),
-        num_scheduled_tokens=dict.fromkeys(ids, WINDOW),
-        total_num_scheduled_tokens=batch * WINDOW,
-        scheduled_spec_decode_tokens={r: [-1] * (WINDOW - 1) for r in ids},
-        scheduled_encoder_inputs={},
-        finished_req_ids=set(),
-        free_encoder_mm_hashes=[],
-    )
+    return make_scheduled({f"req-{i}": WINDOW for i in range(batch)})
 
 
 def step_outputs(batch: int, logprobs: bool) -> list[ModelRunnerOutput]:

@@ -173,28 +173,10 @@ def test_stats_merge() -> None:
 # -- decode window split and merge (vLLM's data classes, no engine) ----------
 
 
-def _scheduled(windows: dict[str, int], new: list[str] = ()):  # type: ignore[no-untyped-def]
-    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+def _scheduled(windows: dict[str, int]):  # type: ignore[no-untyped-def]
+    from tests.conftest import make_scheduled
 
-    cached = list(windows)
-    return SchedulerOutput(
-        scheduled_new_reqs=[],
-        scheduled_cached_reqs=CachedRequestData(
-            req_ids=cached,
-            resumed_req_ids=set(),
-            new_token_ids=[],
-            all_token_ids={},
-            new_block_ids=[([7],)] * len(cached),
-            num_computed_tokens=[10 * (i + 1) for i in range(len(cached))],
-            num_output_tokens=[i + 1 for i in range(len(cached))],
-        ),
-        num_scheduled_tokens=dict(windows),
-        total_num_scheduled_tokens=sum(windows.values()),
-        scheduled_spec_decode_tokens={r: [-1] * (w - 1) for r, w in windows.items() if w > 1},
-        scheduled_encoder_inputs={},
-        finished_req_ids={"gone"},
-        free_encoder_mm_hashes=[],
-    )
+    return make_scheduled(windows, finished={"gone"}, new_blocks=True)
 
 
 def test_plan_window_splits_into_one_token_steps() -> None:
