@@ -53,7 +53,14 @@ def _vocab(model: str) -> int:
     return int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
 
 
-@pytest.mark.parametrize("settings", PIPELINES)
+@pytest.mark.parametrize(
+    "settings",
+    [
+        *PIPELINES,
+        # The device stage on the engine thread, as on CUDA.
+        pytest.param({"stage": "inline", "decode_window": 4}, id="inline-window4"),
+    ],
+)
 def test_many_random_requests_in_one_call(tiny_model: str, settings: dict[str, Any]) -> None:
     prompts, params = _random_workload(_vocab(tiny_model))
     with engine(tiny_model, ours=False) as llm:
@@ -63,7 +70,7 @@ def test_many_random_requests_in_one_call(tiny_model: str, settings: dict[str, A
         s = stats(llm)
     assert len(ours) == len(prompts) >= 100
     assert_same_outputs(baseline, ours)
-    assert_overlapped(s, windows=bool(settings))
+    assert_overlapped(s, windows=settings.get("decode_window", 1) > 1)
 
 
 def _frequent_tokens(outputs: list[Any], k: int) -> list[int]:

@@ -143,6 +143,7 @@ def test_vllm_serve_with_executor_flag(tiny_model: str, tmp_path: Path) -> None:
         [
             str(vllm_script), "serve", tiny_model,
             "--executor", "async_executor",
+            "--additional-config", json.dumps({"async_executor": {"decode_window": 4}}),
             "--host", "127.0.0.1", "--port", str(port),
             "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
             "--seed", "0", "--kv-cache-memory-bytes", str(64 << 20),
@@ -193,6 +194,20 @@ def test_vllm_serve_with_executor_flag(tiny_model: str, tmp_path: Path) -> None:
             },
         )
         assert status == 200 and body["choices"][0]["text"] == expected[0], body
+
+        # Streaming: the tokens arrive in chunks, the text is the same.
+        req = urllib.request.Request(
+            base + "/v1/completions",
+            data=json.dumps({"model": tiny_model, "prompt": PROMPTS[1], "max_tokens": 16,
+                             "temperature": 0, "stream": True}).encode(),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        chunks = []
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(json.loads(line[6:])["choices"][0]["text"])
+        assert len(chunks) > 1 and "".join(chunks) == expected[1], chunks
 
         status, body = _post(base + "/collective_rpc", {"method": "async_executor_stats"})
         assert status == 200, body
