@@ -107,3 +107,26 @@ def test_block_reuse_under_small_cache_stays_exact(tiny_model: str) -> None:
     assert_overlapped(s, windows=True)
     # The batch needs several times the cache: blocks were reused.
     assert len(prompts) > 3 * cache_blocks
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stage", ["thread", "inline"])
+def test_device_step_failure_surfaces_instead_of_hanging(tiny_model: str, stage: str) -> None:
+    """A device step that raises inside a window reaches the caller as an
+    error (the engine does not wait forever on the in-flight batch)."""
+    with engine(tiny_model, ours=True, settings={"decode_window": 4, "stage": stage}) as llm:
+        executor = _engine_core(llm).model_executor
+        worker = executor.driver_worker
+        real = worker.execute_model
+        calls = {"n": 0}
+
+        def failing(scheduler_output: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 12:
+                raise RuntimeError("injected device failure")
+            return real(scheduler_output)
+
+        worker.execute_model = failing
+        with pytest.raises(Exception, match="injected device failure"):
+            llm.generate(PROMPTS[:8], PARAMS, use_tqdm=False)
+        assert calls["n"] >= 12
