@@ -17,7 +17,7 @@ from typing import Any, Literal
 CONFIG_KEY = "async_executor"
 ENV_PREFIX = "ASYNC_EXECUTOR_"
 
-StageMode = Literal["auto", "thread", "inline"]
+StageMode = Literal["auto", "thread", "inline", "process"]
 
 
 class SettingsError(ValueError):
@@ -36,11 +36,11 @@ class PipelineSettings:
     # steady decode is scheduled once and decodes 4 tokens back to back on the
     # device, each step's token carried over to the next on the device.
     decode_window: int = 1
-    # Where the runner's work runs. "thread": a dedicated device-stage thread,
-    # so the engine thread schedules batch N+1 while batch N computes, even
-    # where the forward pass blocks the calling thread (CPU). "inline": on the
-    # engine thread (on CUDA, launches are asynchronous already). "auto":
-    # thread on CPU, inline on CUDA.
+    # Where the runner's work runs. "process": the worker in its own process,
+    # so the engine schedules batch N+1 while N computes, without sharing a
+    # GIL with it. "thread": a device-stage thread in the engine process.
+    # "inline": on the engine thread (on CUDA, launches return before the
+    # device finishes). "auto": process on CPU, inline on CUDA.
     stage: StageMode = "auto"
 
     def __post_init__(self) -> None:
@@ -54,8 +54,10 @@ class PipelineSettings:
             raise SettingsError(f"decode_window must be an int, got {self.decode_window!r}")
         if not 1 <= self.decode_window <= 64:
             raise SettingsError(f"decode_window must be between 1 and 64, got {self.decode_window}")
-        if self.stage not in ("auto", "thread", "inline"):
-            raise SettingsError(f"stage must be 'auto', 'thread' or 'inline', got {self.stage!r}")
+        if self.stage not in ("auto", "thread", "inline", "process"):
+            raise SettingsError(
+                f"stage must be 'auto', 'thread', 'inline' or 'process', got {self.stage!r}"
+            )
 
     @property
     def in_flight_batches(self) -> int:

@@ -70,7 +70,7 @@ def test_prompt_that_exactly_fits_is_served(served) -> None:  # type: ignore[no-
     [
         ({"depth": 1}, "depth must be between 2 and 8, got 1"),
         ({"decode_window": 0}, "decode_window must be between 1 and 64, got 0"),
-        ({"stage": "gpu"}, "stage must be 'auto', 'thread' or 'inline'"),
+        ({"stage": "gpu"}, "stage must be 'auto', 'thread', 'inline' or 'process'"),
         (
             {"dept": 3},
             r"unknown async_executor setting\(s\) \['dept'\]; valid settings",

@@ -93,8 +93,12 @@ def _baseline(model: str, preemption: bool, chunked: bool) -> list[list[Any]]:
 
 
 PIPELINES = [
+    # Defaults: on CPU the device stage is a worker process.
     pytest.param({}, id="default"),
     pytest.param({"decode_window": 4}, id="window4"),
+    # A device-stage thread in the engine process: shares buffers with the
+    # engine thread (the structured-output bitmask hazard).
+    pytest.param({"decode_window": 4, "stage": "thread"}, id="thread-window4"),
 ]
 
 

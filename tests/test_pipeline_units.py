@@ -27,6 +27,8 @@ def test_settings_defaults_and_env_fallback() -> None:
     assert s.in_flight_batches == 1
     # The config wins over the environment.
     assert PipelineSettings.from_mapping({"depth": 4}, env=env).depth == 4
+    for stage in ("auto", "thread", "inline", "process"):
+        assert PipelineSettings(stage=stage).stage == stage
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from vllm import SamplingParams
 
-from async_executor.vllm_glue.executor import AsyncExecutor
+from async_executor.vllm_glue.executor import AsyncExecutor, AsyncMultiprocExecutor
 from tests.conftest import ENGINE_DEFAULTS, corpus_prompts, engine, generate, stats
 
 PROMPTS = corpus_prompts(8)
@@ -29,19 +29,23 @@ def _executor_of(llm: Any) -> Any:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize(
-    "backend",
+    "backend,expected",
     [
-        pytest.param("async_executor", id="short-name"),
-        pytest.param("async_executor.vllm_glue.executor.AsyncExecutor", id="qualname"),
-        pytest.param(AsyncExecutor, id="class"),
+        # The short name picks the device stage: on CPU a worker process.
+        pytest.param("async_executor", AsyncMultiprocExecutor, id="short-name"),
+        pytest.param(
+            "async_executor.vllm_glue.executor.AsyncExecutor", AsyncExecutor, id="qualname"
+        ),
+        pytest.param(AsyncExecutor, AsyncExecutor, id="class"),
+        pytest.param(AsyncMultiprocExecutor, AsyncMultiprocExecutor, id="class-multiproc"),
     ],
 )
-def test_llm_selects_our_executor(tiny_model: str, backend: Any) -> None:
+def test_llm_selects_our_executor(tiny_model: str, backend: Any, expected: type) -> None:
     from vllm import LLM
 
     llm = LLM(tiny_model, distributed_executor_backend=backend, **ENGINE_DEFAULTS)
     try:
-        assert type(_executor_of(llm)) is AsyncExecutor
+        assert type(_executor_of(llm)) is expected
         generate(llm, PROMPTS, PARAMS)
         s = stats(llm)
         assert s.batches_launched > 0 and s.launched_before_predecessor_resolved > 0, s
@@ -81,7 +85,7 @@ def test_serve_flags_select_our_executor(tiny_model: str, flag: str) -> None:
     engine_args = AsyncEngineArgs.from_cli_args(args)
     assert engine_args.distributed_executor_backend == "async_executor"
     config = engine_args.create_engine_config()
-    assert Executor.get_class(config) is AsyncExecutor
+    assert Executor.get_class(config) is AsyncMultiprocExecutor  # CPU: worker process
 
 
 def test_serve_rejects_unknown_executor(tiny_model: str) -> None:
@@ -222,3 +226,16 @@ def test_vllm_serve_with_executor_flag(tiny_model: str, tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+@pytest.mark.e2e
+def test_in_process_executor_refuses_the_process_stage(tiny_model: str) -> None:
+    from vllm import LLM
+
+    with pytest.raises(Exception, match="stage='process' runs the worker in its own process"):
+        LLM(
+            tiny_model,
+            distributed_executor_backend=AsyncExecutor,
+            additional_config={"async_executor": {"stage": "process"}},
+            **ENGINE_DEFAULTS,
+        )

@@ -28,6 +28,24 @@ _STOCK_SCHEDULERS = (
 )
 
 
+def resolve_stage(settings: PipelineSettings, vllm_config: Any) -> str:
+    """The device stage to use: "process", "thread" or "inline"."""
+    if settings.stage != "auto":
+        return settings.stage
+    device = str(vllm_config.device_config.device)
+    # CPU: the forward pass holds the calling thread and much of it is Python,
+    # so only a separate process overlaps it with scheduling. CUDA: launches
+    # are asynchronous; the engine thread can launch the steps itself.
+    return "process" if device.startswith("cpu") else "inline"
+
+
+def executor_class_for(vllm_config: Any) -> type:
+    from async_executor.vllm_glue.executor import AsyncExecutor, AsyncMultiprocExecutor
+
+    stage = resolve_stage(PipelineSettings.from_vllm_config(vllm_config), vllm_config)
+    return AsyncMultiprocExecutor if stage == "process" else AsyncExecutor
+
+
 def apply_pipeline_config(vllm_config: Any, settings: PipelineSettings) -> None:
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise ValueError(
@@ -65,26 +83,45 @@ def _set_max_concurrent_batches(vllm_config: Any, depth: int) -> None:
 
     vLLM 0.32 derives it (a read-only property) from async scheduling: 2 with
     the V1 runner, pipeline size + 1 with V2. There is no setting, so this
-    config object gets a subclass whose property returns our depth; nothing
-    else changes and other engines' configs are untouched.
-    patches/0001-max-concurrent-batches-setting.patch proposes a real setting.
+    config object's class becomes a subclass whose property returns the
+    depth; nothing else changes and other engines' configs are untouched.
+    The subclasses are defined at import time so that the config pickles to
+    worker processes, which must see the same depth (V2 sizes its rotating
+    staging buffers by it). patches/0001 proposes a real setting.
     """
-    base = type(vllm_config)
-    base = getattr(base, "_async_executor_base", base)
-    subclass = _DEPTH_CLASSES.get((base, depth))
-    if subclass is None:
-        subclass = type(
-            base.__name__,
-            (base,),
+    from vllm.config import VllmConfig
+
+    if not isinstance(vllm_config, VllmConfig) or type(vllm_config) not in (
+        VllmConfig,
+        *_DEPTH_CLASSES.values(),
+    ):
+        raise TypeError(f"cannot set the pipeline depth of a {type(vllm_config).__name__}")
+    if depth not in _DEPTH_CLASSES:
+        raise ValueError(f"depth {depth} is outside 1..8")
+    vllm_config.__class__ = _DEPTH_CLASSES[depth]
+
+
+def _make_depth_classes() -> dict[int, type]:
+    from vllm.config import VllmConfig
+
+    def fixed(depth: int) -> property:
+        return property(lambda self: depth)
+
+    classes: dict[int, type] = {}
+    for depth in range(1, 9):
+        name = f"VllmConfigDepth{depth}"
+        cls = type(
+            name,
+            (VllmConfig,),
             {
-                "__module__": base.__module__,
-                "__qualname__": base.__qualname__,
-                "_async_executor_base": base,
-                "max_concurrent_batches": property(lambda self: depth),
+                "__module__": __name__,
+                "__qualname__": name,
+                "max_concurrent_batches": fixed(depth),
             },
         )
-        _DEPTH_CLASSES[(base, depth)] = subclass
-    vllm_config.__class__ = subclass
+        globals()[name] = cls
+        classes[depth] = cls
+    return classes
 
 
-_DEPTH_CLASSES: dict[tuple[type, int], type] = {}
+_DEPTH_CLASSES: dict[int, type] = _make_depth_classes()

@@ -1,20 +1,27 @@
-"""`AsyncExecutor`: the vLLM executor that runs the overlapped pipeline.
+"""The vLLM executors that run the overlapped pipeline.
 
-Where each stage runs (one engine, one worker, both in the EngineCore
-process):
+Where each stage runs:
 
-  engine thread        schedule N+1 -> execute_model(N+1) -> sample_tokens(N+1)
-                       -> wait for N's sampled ids -> update_from_output(N) -> ...
-  device stage         N: device step 0 [, 1 .. w-1]   N+1: device step 0 ...
-  (thread or inline)
+  engine thread   schedule N+1 -> execute_model(N+1) -> sample_tokens(N+1)
+                  -> wait for N's sampled ids -> update_from_output(N) -> ...
+  device stage    N: device step 0 [, 1 .. w-1]   N+1: device step 0 ...
 
-`execute_model` and `sample_tokens` only plan the batch and hand it to the
-device stage; they return futures at once, so the engine schedules batch N+2
-while N+1 computes. The engine blocks only when it needs the oldest batch's
-sampled ids (`ResolvingFuture.result`). Each device step is one call of
-vLLM's worker (`execute_model` + `sample_tokens`), whose async-scheduling
-path reconciles carry-over tokens on the device: batch N+1's input ids for
-requests that N is still sampling are gathered from N's device output.
+`execute_model` and `sample_tokens` only plan the batch and hand its device
+steps to the device stage; they return futures at once, so the engine
+schedules batch N+2 while N+1 computes. The engine blocks only when it needs
+the oldest batch's sampled ids (`ResolvingFuture.result`). Each device step is
+one call of vLLM's worker (`execute_model` + `sample_tokens`), whose
+async-scheduling path reconciles carry-over tokens on the device: the input
+ids of requests that the previous step is still sampling are gathered from
+its device output.
+
+Two device stages, one pipeline (`_Pipeline`):
+- `AsyncExecutor`: the worker in the engine process, its steps on a
+  dedicated thread (`stage="thread"`) or on the engine thread (`"inline"`;
+  on CUDA launches return before the device finishes);
+- `AsyncMultiprocExecutor`: the worker in its own process (`"process"`),
+  reached through vLLM's multiprocess executor; its message queue keeps the
+  steps in order, and the engine and the runner no longer share a GIL.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import vllm.envs as envs
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
+from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 from vllm.v1.executor.uniproc_executor import UniProcExecutor
 from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 
@@ -37,7 +46,7 @@ from async_executor.pipeline.in_flight import InFlightBatch, InFlightTracker
 from async_executor.pipeline.stage import DeviceStage
 from async_executor.settings import PipelineSettings
 from async_executor.vllm_glue.cpu_runner import install_cpu_runner_fixes
-from async_executor.vllm_glue.engine_config import apply_pipeline_config
+from async_executor.vllm_glue.engine_config import apply_pipeline_config, resolve_stage
 from async_executor.vllm_glue.substeps import WindowPlan, merge_outputs, plan_window
 
 # collective_rpc method name answered by the executor itself.
@@ -77,35 +86,34 @@ class _ExecutedBatch:
     in_flight: InFlightBatch | None
 
 
-class AsyncExecutor(UniProcExecutor):
-    """vLLM executor with an overlapped, optionally multi-step pipeline."""
+class _Pipeline:
+    """The pipeline over a device stage that runs worker calls in order.
 
-    @classmethod
-    def supports_async_scheduling(cls) -> bool:
-        return True
+    Subclasses provide `_submit(method, arg) -> Future` (a worker call on the
+    device stage; the future's value may still be an AsyncModelRunnerOutput)
+    and `_control(...)` for other collective calls.
+    """
 
-    def _init_executor(self) -> None:
-        self.settings = PipelineSettings.from_vllm_config(self.vllm_config)
-        apply_pipeline_config(self.vllm_config, self.settings)
-        super()._init_executor()
-        install_cpu_runner_fixes(self.driver_worker.worker.model_runner)
+    vllm_config: Any
+    settings: PipelineSettings
+
+    def _init_pipeline(self) -> None:
         self.counters = counters_for(self.vllm_config)
         self.tracker = InFlightTracker(self.counters)
-        device = torch.device(str(self.vllm_config.device_config.device))
-        stage = self.settings.stage
-        threaded = stage == "thread" or (stage == "auto" and device.type == "cpu")
-        initializer = None
-        if threaded and device.type == "cuda":
-            # The current CUDA device is per thread.
-            initializer = functools.partial(torch.cuda.set_device, device)
-        self.stage = DeviceStage(threaded, initializer=initializer)
         # Tokens known on the host per request (prompt, or all tokens when the
         # scheduler resends them on resumption); used to tell decode inputs
         # from prompt inputs for the carry-over count.
         self._known_len: dict[str, int] = {}
         self._executed: _ExecutedBatch | None = None
 
-    # -- the pipeline ---------------------------------------------------------
+    def _submit(self, method: str, arg: Any) -> Future[Any]:
+        raise NotImplementedError
+
+    @property
+    def _copies_grammar(self) -> bool:
+        """Whether the device stage reads the grammar output after the
+        engine has moved on (an in-process thread)."""
+        return False
 
     def execute_model(  # type: ignore[override]
         self, scheduler_output: SchedulerOutput, non_block: bool = False
@@ -113,7 +121,7 @@ class AsyncExecutor(UniProcExecutor):
         plan = plan_window(scheduler_output)
         in_flight = self._record_launch(scheduler_output, plan)
         self._executed = _ExecutedBatch(plan, in_flight)
-        job = self.stage.submit(self._run_first_step, plan.steps[0])
+        job = self._submit("execute_model", plan.steps[0])
 
         def resolve() -> Any:
             output = _to_host(job.result())
@@ -136,39 +144,33 @@ class AsyncExecutor(UniProcExecutor):
         executed, self._executed = self._executed, None
         if executed is None:
             raise RuntimeError("sample_tokens called without a preceding execute_model")
-        if grammar_output is not None and self.stage.threaded:
+        if grammar_output is not None and self._copies_grammar:
             # Hazard: the bitmask is a view of the structured-output manager's
             # reusable buffer, which the engine thread refills for the next
             # batch while this one still waits on the device stage.
             grammar_output = dataclasses.replace(
                 grammar_output, grammar_bitmask=grammar_output.grammar_bitmask.copy()
             )
-        job = self.stage.submit(self._run_window, executed.plan, grammar_output)
+        # Device step 0 was launched by execute_model; sample it, then run the
+        # rest of the window. Step k's inputs are step k-1's sampled ids,
+        # filled in on the device by the runner: no host round trip here.
+        jobs = [self._submit("sample_tokens", grammar_output)]
+        samples = [jobs[0]]
+        for step in executed.plan.steps[1:]:
+            jobs.append(self._submit("execute_model", step))
+            samples.append(self._submit("sample_tokens", None))
+            jobs.append(samples[-1])
 
         def resolve() -> ModelRunnerOutput:
-            output = merge_outputs([_to_host(o) for o in job.result()])
+            for job in jobs:  # in order: a failed step raises here
+                job.result()
+            output = merge_outputs([_to_host(s.result()) for s in samples])
             if executed.in_flight is not None:
                 self.tracker.resolve(executed.in_flight)
             return output
 
         future = ResolvingFuture(resolve)
         return future if non_block else future.result()
-
-    def _run_first_step(self, step: SchedulerOutput) -> Any:
-        return self.driver_worker.execute_model(step)
-
-    def _run_window(self, plan: WindowPlan, grammar_output: GrammarOutput | None) -> list[Any]:
-        # Device step 0 was launched by execute_model; sample it, then run the
-        # rest of the window. Step k's inputs are step k-1's sampled ids,
-        # filled in on the device by the runner: no host round trip here.
-        worker = self.driver_worker
-        outputs = [worker.sample_tokens(grammar_output)]
-        for step in plan.steps[1:]:
-            output = worker.execute_model(step)
-            if output is None:
-                output = worker.sample_tokens(None)
-            outputs.append(output)
-        return outputs
 
     def _record_launch(
         self, scheduler_output: SchedulerOutput, plan: WindowPlan
@@ -196,7 +198,58 @@ class AsyncExecutor(UniProcExecutor):
             carried_within=plan.carried_tokens,
         )
 
-    # -- control --------------------------------------------------------------
+    def _stats_reply(self, single_value: bool, non_block: bool) -> Any:
+        stats = self.counters.snapshot().as_dict()
+        result = stats if single_value else [stats]
+        if non_block:
+            done: Future[Any] = Future()
+            done.set_result(result)
+            return done
+        return result
+
+    def _release_pipeline(self) -> None:
+        if getattr(self, "tracker", None) is not None:
+            self.tracker.reset()
+            release_counters(self.vllm_config)
+
+    @classmethod
+    def supports_async_scheduling(cls) -> bool:
+        return True
+
+
+class AsyncExecutor(_Pipeline, UniProcExecutor):
+    """The worker in the engine process; its steps on a device-stage thread
+    or inline on the engine thread."""
+
+    def _init_executor(self) -> None:
+        self.settings = PipelineSettings.from_vllm_config(self.vllm_config)
+        stage = resolve_stage(self.settings, self.vllm_config)
+        if stage == "process" and self.settings.stage == "auto":
+            # This class keeps the worker in the engine process.
+            stage = "thread"
+        if stage == "process":
+            raise ValueError(
+                "stage='process' runs the worker in its own process: select the "
+                "executor by name (async_executor) or as "
+                "async_executor.vllm_glue.executor.AsyncMultiprocExecutor"
+            )
+        apply_pipeline_config(self.vllm_config, self.settings)
+        super()._init_executor()
+        install_cpu_runner_fixes(self.driver_worker.worker.model_runner)
+        device = torch.device(str(self.vllm_config.device_config.device))
+        initializer = None
+        if stage == "thread" and device.type == "cuda":
+            # The current CUDA device is per thread.
+            initializer = functools.partial(torch.cuda.set_device, device)
+        self.stage = DeviceStage(stage == "thread", initializer=initializer)
+        self._init_pipeline()
+
+    def _submit(self, method: str, arg: Any) -> Future[Any]:
+        return self.stage.submit(getattr(self.driver_worker, method), arg)
+
+    @property
+    def _copies_grammar(self) -> bool:
+        return self.stage.threaded
 
     def collective_rpc(  # type: ignore[override]
         self,
@@ -208,24 +261,12 @@ class AsyncExecutor(UniProcExecutor):
         single_value: bool = False,
     ) -> Any:
         if method == STATS_RPC:
-            stats = self.counters.snapshot().as_dict()
-            result = stats if single_value else [stats]
-            if non_block:
-                done: Future[Any] = Future()
-                done.set_result(result)
-                return done
-            return result
+            return self._stats_reply(single_value, non_block)
         # Control calls run on the device stage, after the batches in flight.
         call = functools.partial(
             UniProcExecutor.collective_rpc,
-            self,
-            method,
-            timeout,
-            args,
-            kwargs,
-            False,
-            single_value,
-        )
+            self, method, timeout, args, kwargs, False, single_value,
+        )  # fmt: skip
         stage = getattr(self, "stage", None)
         if stage is None:  # during _init_executor
             return call()
@@ -235,7 +276,46 @@ class AsyncExecutor(UniProcExecutor):
         stage = getattr(self, "stage", None)
         if stage is not None:
             stage.shutdown()
-            self.tracker.reset()
-            release_counters(self.vllm_config)
+        self._release_pipeline()
         if worker := self.driver_worker:
             worker.shutdown()
+
+
+def _install_fixes_in_worker(worker: Any) -> bool:
+    return install_cpu_runner_fixes(worker.worker.model_runner)
+
+
+class AsyncMultiprocExecutor(_Pipeline, MultiprocExecutor):
+    """The worker in its own process, as in vLLM's `mp` executor; vLLM's
+    message queue is the device stage (it delivers calls in order)."""
+
+    def _init_executor(self) -> None:
+        self.settings = PipelineSettings.from_vllm_config(self.vllm_config)
+        apply_pipeline_config(self.vllm_config, self.settings)
+        super()._init_executor()
+        MultiprocExecutor.collective_rpc(self, _install_fixes_in_worker)
+        self._init_pipeline()
+
+    def _submit(self, method: str, arg: Any) -> Future[Any]:
+        return MultiprocExecutor.collective_rpc(
+            self,
+            method,
+            args=(arg,),
+            unique_reply_rank=self.output_rank,
+            non_block=True,
+            timeout=envs.VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS,
+            kv_output_aggregator=self.kv_output_aggregator,
+            ec_output_aggregator=self.ec_output_aggregator,
+        )
+
+    def collective_rpc(  # type: ignore[override]
+        self, method: str | Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        if method == STATS_RPC:
+            non_block = bool(kwargs.get("non_block", False))
+            return self._stats_reply(kwargs.get("unique_reply_rank") is not None, non_block)
+        return MultiprocExecutor.collective_rpc(self, method, *args, **kwargs)
+
+    def shutdown(self) -> None:
+        self._release_pipeline()
+        MultiprocExecutor.shutdown(self)

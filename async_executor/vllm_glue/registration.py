@@ -17,7 +17,7 @@ import argparse
 from typing import Any
 
 EXECUTOR_NAME = "async_executor"
-EXECUTOR_QUALNAME = "async_executor.vllm_glue.executor.AsyncExecutor"
+SHORT_NAMES = (EXECUTOR_NAME, "async-executor")
 VLLM_BUILTIN_EXECUTORS = ("mp", "uni", "ray", "external_launcher")
 _MARK = "_async_executor_wrapped"
 
@@ -30,12 +30,10 @@ def valid_executor_names() -> list[str]:
     return [*VLLM_BUILTIN_EXECUTORS, EXECUTOR_NAME]
 
 
-def resolve_executor_name(name: str) -> str:
-    """Map a short executor name to what vLLM understands."""
-    if name in (EXECUTOR_NAME, "async-executor"):
-        return EXECUTOR_QUALNAME
-    if name in VLLM_BUILTIN_EXECUTORS or "." in name:
-        return name
+def check_executor_name(name: str) -> None:
+    """Raise a clear error for a short name that is neither vLLM's nor ours."""
+    if name in SHORT_NAMES or name in VLLM_BUILTIN_EXECUTORS or "." in name:
+        return
     raise UnknownExecutorError(
         f"unknown executor {name!r}; valid executors: "
         f"{', '.join(valid_executor_names())}, or the import path of a "
@@ -54,11 +52,12 @@ def _wrap_get_class() -> None:
         backend = vllm_config.parallel_config.distributed_executor_backend
         if not isinstance(backend, str) or backend in VLLM_BUILTIN_EXECUTORS:
             return original(vllm_config)
-        resolved = resolve_executor_name(backend)
-        if resolved == EXECUTOR_QUALNAME:
-            from async_executor.vllm_glue.executor import AsyncExecutor
+        check_executor_name(backend)
+        if backend in SHORT_NAMES:
+            # The short name picks the executor class from the stage setting.
+            from async_executor.vllm_glue.engine_config import executor_class_for
 
-            return AsyncExecutor
+            return executor_class_for(vllm_config)
         try:
             return original(vllm_config)
         except (ImportError, AttributeError) as exc:
