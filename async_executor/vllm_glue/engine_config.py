@@ -54,7 +54,7 @@ def apply_pipeline_config(vllm_config: Any, settings: PipelineSettings) -> None:
         )
     if vllm_config.parallel_config.world_size > 1:
         raise ValueError(
-            "async_executor runs one worker in the engine process; "
+            "async_executor runs one worker; "
             f"tensor_parallel_size={vllm_config.parallel_config.tensor_parallel_size} "
             "is not supported yet"
         )
