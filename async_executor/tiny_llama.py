@@ -70,6 +70,16 @@ def _build_tokenizer(out: Path) -> int:
     return int(tok.get_vocab_size())
 
 
+def corpus_prompts(n: int) -> list[str]:
+    """n distinct prompts made of words the tokenizer knows."""
+    words = " ".join(CORPUS).split()
+    prompts = []
+    for i in range(n):
+        start = (i * 7) % (len(words) - 12)
+        prompts.append(" ".join(words[start : start + 3 + i % 9]))
+    return prompts
+
+
 def build_tiny_llama(
     out: str | Path,
     *,

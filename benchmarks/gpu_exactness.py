@@ -120,9 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     from vllm import SamplingParams
 
-    from async_executor.tiny_llama import build_tiny_llama
+    from async_executor.tiny_llama import build_tiny_llama, corpus_prompts
     from benchmarks.run_one import make_prompts
-    from tests.conftest import corpus_prompts
 
     root = Path(tempfile.mkdtemp(prefix="exactness_"))
     results = []

@@ -22,7 +22,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from async_executor import PipelineStats, pipeline_config, pipeline_stats
-from async_executor.tiny_llama import CORPUS, build_tiny_llama
+from async_executor.tiny_llama import build_tiny_llama, corpus_prompts  # noqa: F401 (re-exported to the tests)
 
 # Engine settings shared by the baseline and ours.
 ENGINE_DEFAULTS: dict[str, Any] = dict(
@@ -46,16 +46,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     cache = os.environ.get("ASYNC_EXECUTOR_TEST_MODEL_DIR")
     path = Path(cache) if cache else tmp_path_factory.mktemp("tiny-llama")
     return str(build_tiny_llama(path))
-
-
-def corpus_prompts(n: int) -> list[str]:
-    """n distinct prompts made of words the tokenizer knows."""
-    words = " ".join(CORPUS).split()
-    prompts = []
-    for i in range(n):
-        start = (i * 7) % (len(words) - 12)
-        prompts.append(" ".join(words[start : start + 3 + i % 9]))
-    return prompts
 
 
 @contextlib.contextmanager
