@@ -1,8 +1,8 @@
 """Host-side spans of each engine step, for timelines and busy shares.
 
-Off unless the environment variable `ASYNC_EXECUTOR_TRACE` is set in the
-engine's processes (to `1`, or to a directory); the plugin entry point then
-calls `install()` in each vLLM process. It wraps, by delegation and for
+Off unless the environment variable `ASYNC_EXECUTOR_TRACE` names a
+directory in the engine's processes (`1` means `<tmp>/async_executor_trace`);
+the plugin entry point then calls `install()` in each vLLM process. It wraps, by delegation and for
 every executor alike (vLLM's and ours), the methods that make up a step:
 
   lane       method
@@ -16,11 +16,10 @@ every executor alike (vLLM's and ours), the methods that make up a step:
              work, on CUDA only its launch)
 
 Spans are (lane, start_ns, end_ns, thread id) on `time.perf_counter_ns`,
-which is CLOCK_MONOTONIC and so comparable across processes. `take_spans()`
-returns and clears this process's spans (callable over `collective_rpc`).
-When the variable names a directory, every traced process also appends its
-spans to `<dir>/<pid>.jsonl` twice a second, so that spans of processes no
-RPC reaches (vLLM's EngineCore when its worker runs elsewhere) are kept too;
+which is CLOCK_MONOTONIC and so comparable across processes. Every traced
+process appends its spans to `<dir>/<pid>.jsonl` twice a second (nothing
+piles up in memory, and spans of every process are kept, also where no RPC
+reaches: vLLM's EngineCore when its worker runs elsewhere);
 `read_span_files(dir)` collects them.
 """
 
@@ -29,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -115,19 +115,24 @@ def install() -> None:
                 continue
             _wrap(cls, name, lane)
         _installed = True
-        directory = os.environ.get(ENV_FLAG, "")
-        if directory not in ("", "0", "1"):
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            _start_flusher()
-            # vLLM forks its EngineCore and worker processes from this one: a
-            # forked child keeps the wrapped methods but not the thread.
-            os.register_at_fork(after_in_child=_start_flusher)
+        trace_dir().mkdir(parents=True, exist_ok=True)
+        _start_flusher()
+        # vLLM forks its EngineCore and worker processes from this one: a
+        # forked child keeps the wrapped methods but not the thread.
+        os.register_at_fork(after_in_child=_start_flusher)
+
+
+def trace_dir() -> Path:
+    value = os.environ.get(ENV_FLAG, "")
+    if value == "1":
+        return Path(tempfile.gettempdir()) / "async_executor_trace"
+    return Path(value)
 
 
 def _start_flusher() -> None:
     global _spans
     _spans = []
-    directory = Path(os.environ[ENV_FLAG])
+    directory = trace_dir()
     threading.Thread(target=_flush_forever, args=(directory,), daemon=True).start()
 
 
@@ -148,10 +153,3 @@ def read_span_files(directory: str | Path) -> list[tuple[str, int, int, int]]:
         for line in path.read_text().splitlines():
             spans.extend(tuple(s) for s in json.loads(line))  # type: ignore[misc]
     return spans
-
-
-def take_spans(_worker: Any = None) -> dict[str, Any]:
-    """This process's spans since the last call (and clear them)."""
-    global _spans
-    spans, _spans = _spans, []
-    return {"pid": os.getpid(), "spans": spans}

@@ -18,10 +18,9 @@ launched after N+1, so it is written after N+1's last use of it.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -35,8 +34,6 @@ class DeviceStage:
     ) -> None:
         self.threaded = threaded
         self._pool: ThreadPoolExecutor | None = None
-        self._pending = 0
-        self._lock = threading.Lock()
         if threaded:
             self._pool = ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix=name, initializer=initializer
@@ -50,21 +47,7 @@ class DeviceStage:
             except BaseException as exc:  # handed to whoever waits on it
                 future.set_exception(exc)
             return future
-        with self._lock:
-            self._pending += 1
-        future = self._pool.submit(fn, *args)
-        future.add_done_callback(self._on_done)
-        return future
-
-    def _on_done(self, _: Future[Any]) -> None:
-        with self._lock:
-            self._pending -= 1
-
-    @property
-    def busy(self) -> bool:
-        """True while a submitted job has not finished (threaded mode only)."""
-        with self._lock:
-            return self._pending > 0
+        return self._pool.submit(fn, *args)
 
     def run(self, fn: Callable[..., T], *args: object) -> T:
         """Run on the stage and wait: for control calls that must not race
