@@ -3,8 +3,10 @@
 GPU: kernel intervals from the CUDA profiler (CUPTI, kernels only, no host
 activity traced) in the process that launches the kernels, reached over
 vLLM's `collective_rpc`. GPU busy = the union of kernel intervals inside the
-timed window divided by its length. NVML's utilisation (polled every 20 ms)
-is kept as a second opinion.
+traced window divided by its length: a whole call, or for long runs a sampled
+window of seconds in the middle of one. NVML's utilisation (polled every
+20 ms) is kept as a second opinion. `gap_breakdown` says which kernels the
+device was waiting for when it idled.
 
 CPU: the model's forward pass is the device work; busy = the union of the
 `forward` spans of `async_executor.tracing` inside the window.
@@ -20,13 +22,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-Interval = tuple[int, int]
+Interval = tuple[int, ...]  # (start_ns, end_ns, ...)
 
 
 def union_length(intervals: Iterable[Interval], lo: int, hi: int) -> int:
     total, end = 0, lo
-    for start, stop in sorted(intervals):
-        start, stop = max(start, end), min(stop, hi)
+    for interval in sorted(intervals):
+        start, stop = max(interval[0], end), min(interval[1], hi)
         if stop > start:
             total += stop - start
             end = stop
@@ -39,45 +41,149 @@ def busy_share(intervals: Iterable[Interval], lo: int, hi: int) -> float:
 
 # -- run inside the engine's worker process via collective_rpc ------------------
 
-_profiler: Any = None
-_marker_host_ns = 0
+# A kernel on the host clock: (start_ns, end_ns, index into the name table).
+Kernel = tuple[int, int, int]
+
+# Kernels queued before the profiler starts are not traced, and a pipeline may
+# have a whole window of steps queued ahead: a sampled window's first part is
+# left out of the busy share.
+SAMPLE_LEAD_IN_S = 0.5
 
 
-def profiler_start(_worker: Any = None) -> bool:
-    """Start tracing kernels in this process."""
-    global _profiler, _marker_host_ns
+class _KernelTrace:
+    """The CUDA profiler in this process: all of one call, or a sampled window."""
+
+    def __init__(self) -> None:
+        self.profiler: Any = None
+        self.marker_ns = 0
+        self.stop_ns = 0
+        self.thread: threading.Thread | None = None
+        self.result: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        self.profiler = profile(activities=[ProfilerActivity.CUDA])
+        self.profiler.start()
+        # The marker maps the kernel clock onto perf_counter_ns. Its own stream,
+        # so that it does not queue behind work already in flight.
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            marker = torch.empty(1, device="cuda")
+            self.marker_ns = time.perf_counter_ns()
+            marker.fill_(1.0)
+        stream.synchronize()
+
+    def stop(self) -> dict[str, Any]:
+        import torch
+
+        # Every kernel launched before this point has ended once synchronize
+        # returns, so [marker, stop] is traced completely.
+        self.stop_ns = time.perf_counter_ns()
+        torch.cuda.synchronize()
+        self.profiler.stop()
+        names: dict[str, int] = {}
+        raw = []
+        for event in self.profiler.profiler.kineto_results.events():
+            if event.device_type() == torch.autograd.DeviceType.CUDA:
+                index = names.setdefault(event.name()[:120], len(names))
+                raw.append((event.start_ns(), event.start_ns() + event.duration_ns(), index))
+        self.profiler = None
+        raw.sort()
+        kernels: list[Kernel] = []
+        if raw:
+            # The first kernel is the marker, launched right after marker_ns.
+            offset = self.marker_ns - raw[0][0]
+            kernels = [(s + offset, e + offset, n) for s, e, n in raw[1:]]
+        return {"kernels": kernels, "names": list(names),
+                "window_ns": [self.marker_ns, self.stop_ns]}  # fmt: skip
+
+    def sample(self, delay_s: float, length_s: float) -> None:
+        try:
+            time.sleep(delay_s)
+            self.start()
+            time.sleep(length_s)
+            self.result = self.stop()
+            lo, hi = self.result["window_ns"]
+            self.result["window_ns"] = [min(hi, lo + int(SAMPLE_LEAD_IN_S * 1e9)), hi]
+        except BaseException as exc:  # reported by profiler_stop
+            self.error = exc
+
+
+_trace: _KernelTrace | None = None
+
+
+def profiler_start(_worker: Any = None, delay_s: float | None = None,
+                   length_s: float | None = None) -> bool:  # fmt: skip
+    """Trace kernels in this process: from now on, or (with delay_s and
+    length_s) over a window of a call that is about to start, from a
+    background thread, for runs too long to trace whole."""
+    global _trace
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
-    _profiler = profile(activities=[ProfilerActivity.CUDA])
-    _profiler.start()
-    marker = torch.empty(1, device="cuda")
-    _marker_host_ns = time.perf_counter_ns()
-    marker.fill_(1.0)
-    torch.cuda.synchronize()
+    _trace = _KernelTrace()
+    if delay_s is None or length_s is None:
+        torch.cuda.synchronize()
+        _trace.start()
+    else:
+        _trace.thread = threading.Thread(
+            target=_trace.sample, args=(delay_s, length_s), daemon=True)  # fmt: skip
+        _trace.thread.start()
     return True
 
 
-def profiler_stop(_worker: Any = None) -> list[Interval]:
-    """Stop tracing; kernel (start, end) on the host perf_counter_ns clock."""
-    global _profiler
-    import torch
+def profiler_stop(_worker: Any = None) -> dict[str, Any]:
+    """Stop tracing. Returns {"kernels": [(start_ns, end_ns, name index)] on the
+    host perf_counter_ns clock, "names": [...], "window_ns": [lo, hi]}, where
+    window_ns is the traced window (for a sampled trace, without its lead-in)."""
+    global _trace
+    trace, _trace = _trace, None
+    assert trace is not None, "profiler_start was not called in this process"
+    if trace.thread is None:
+        return trace.stop()
+    trace.thread.join()
+    if trace.error is not None:
+        raise RuntimeError("sampled kernel trace failed") from trace.error
+    if trace.result is None:
+        raise RuntimeError("the call ended before the sampled kernel trace began")
+    return trace.result
 
-    torch.cuda.synchronize()
-    assert _profiler is not None, "profiler_start was not called in this process"
-    _profiler.stop()
-    kernels = []
-    for event in _profiler.profiler.kineto_results.events():
-        if event.device_type() == torch.autograd.DeviceType.CUDA:
-            kernels.append((event.start_ns(), event.start_ns() + event.duration_ns()))
-    _profiler = None
-    if not kernels:
-        return []
-    kernels.sort()
-    # The first kernel is the marker, launched right after _marker_host_ns.
-    offset = _marker_host_ns - kernels[0][0]
-    return [(s + offset, e + offset) for s, e in kernels[1:]]
+
+def _gap_bucket(gap_ns: int) -> str:
+    return "lt_10us" if gap_ns < 10_000 else "10us_100us" if gap_ns < 100_000 else "ge_100us"
+
+
+def gap_breakdown(kernels: Iterable[Kernel], names: list[str], lo: int, hi: int,
+                  top: int = 8) -> dict[str, Any]:  # fmt: skip
+    """Where the device idled in [lo, hi]: each gap is charged to the kernel
+    that ended it (the work the device was waiting for)."""
+    charged: dict[int, list[int]] = {}
+    sizes = {"lt_10us": 0, "10us_100us": 0, "ge_100us": 0}
+    end = lo
+    for start, stop, name in sorted(kernels):
+        if stop <= lo or start >= hi:
+            continue
+        if start > end:
+            gap = start - end
+            entry = charged.setdefault(name, [0, 0])
+            entry[0] += gap
+            entry[1] += 1
+            sizes[_gap_bucket(gap)] += gap
+        end = max(end, min(stop, hi))
+    if hi > end:
+        sizes[_gap_bucket(hi - end)] += hi - end
+    idle = sum(sizes.values())
+    worst = sorted(charged.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "window_s": (hi - lo) / 1e9,
+        "idle_share": idle / max(1, hi - lo),
+        "idle_ns_by_gap_size": sizes,
+        "before_kernel": [
+            {"kernel": names[n], "idle_ns": ns, "gaps": count} for n, (ns, count) in worst
+        ],
+    }
 
 
 # -- NVML second opinion ------------------------------------------------------

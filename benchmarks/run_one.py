@@ -6,8 +6,10 @@ The orchestrator (`python -m benchmarks`) starts one such process per system,
 so that every engine starts from a clean process and device. Each run: build
 the engine, warm up, `reps` timed `generate` calls of the whole workload
 (wall time, NVML), then one more with the device-side profiler and the step
-tracer on (busy share, timeline spans). Token ids of the first timed call are
-hashed, so records of different systems show whether the outputs agree.
+tracer on (busy share, idle gaps, timeline spans). For runs too long to trace
+whole, `busy_window` = [delay_s, length_s] traces that window of the last timed
+call instead of making another. Token ids of the first timed call are hashed,
+so records of different systems show whether the outputs agree.
 """
 
 from __future__ import annotations
@@ -53,16 +55,60 @@ def digest(token_lists: list[list[int]]) -> str:
 
 
 def _timeline_window(spans: list[Any], kernels: list[Any], lo: int, hi: int,
-                     steps: int, gen_len: int) -> dict[str, Any]:  # fmt: skip
-    """Spans within about `steps` decode steps in the middle of the run."""
-    step_ns = (hi - lo) / max(1, gen_len)
+                     step_ns: float, steps: int = 12) -> dict[str, Any]:  # fmt: skip
+    """Spans within about `steps` decode steps in the middle of [lo, hi]."""
     mid = lo + (hi - lo) // 2
     w0, w1 = int(mid - steps * step_ns / 2), int(mid + steps * step_ns / 2)
     return {
         "window_ns": [w0, w1],
         "spans": [s for s in spans if s[2] > w0 and s[1] < w1],
-        "kernels": [k for k in kernels if k[1] > w0 and k[0] < w1],
+        "kernels": [k[:2] for k in kernels if k[1] > w0 and k[0] < w1],
     }
+
+
+@dataclass
+class Busy:
+    """The device-side measurement: the window it covers and what ran in it."""
+
+    lo: int
+    hi: int
+    share: float
+    method: str
+    gaps: dict[str, Any] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return {"gpu_busy": self.share, "busy_method": self.method,
+                "busy_window_s": (self.hi - self.lo) / 1e9, "idle_gaps": self.gaps}  # fmt: skip
+
+
+def busy_from_trace(trace: dict[str, Any], method: str, call: tuple[int, int]) -> Busy:
+    """Busy share and idle gaps of a kernel trace (measure.profiler_stop)."""
+    lo, hi = trace["window_ns"]
+    lo, hi = max(lo, call[0]), min(hi, call[1])
+    if hi - lo < 0.5 * (trace["window_ns"][1] - trace["window_ns"][0]):
+        raise RuntimeError(
+            "the busy window ran past the end of the call: pass a shorter or earlier --busy-window"
+        )
+    kernels = trace["kernels"]
+    return Busy(lo, hi, measure.busy_share(kernels, lo, hi), method,
+                measure.gap_breakdown(kernels, trace["names"], lo, hi))  # fmt: skip
+
+
+def busy_from_spans(spans: list[Any], lo: int, hi: int, method: str) -> Busy:
+    """CPU: the forward pass is the device work."""
+    forward = [(s[1], s[2]) for s in spans if s[0] == "forward"]
+    return Busy(lo, hi, measure.busy_share(forward, lo, hi), method)
+
+
+def sampled_window(busy_window: list[float], call: tuple[int, int]) -> tuple[int, int]:
+    """The CPU analogue of a sampled kernel trace: the same window of the call."""
+    delay, length = busy_window
+    lo = call[0] + int((delay + measure.SAMPLE_LEAD_IN_S) * 1e9)
+    hi = call[0] + int((delay + length) * 1e9)
+    if hi > call[1]:
+        raise RuntimeError("the busy window ran past the end of the call: pass a "
+                           "shorter or earlier --busy-window")  # fmt: skip
+    return lo, hi
 
 
 @dataclass
@@ -73,6 +119,7 @@ class Timed:
     nvml: list[float | None]
     digest: str
     gen_tokens: int
+    last_call: tuple[int, int] = (0, 0)  # perf_counter_ns
 
     @property
     def wall(self) -> float:
@@ -80,15 +127,22 @@ class Timed:
 
 
 def timed_reps(
-    generate: Callable[[], list[list[int]]], reps: int, poller: measure.NvmlPoller | None
+    generate: Callable[[], list[list[int]]],
+    reps: int,
+    poller: measure.NvmlPoller | None,
+    before_last: Callable[[], object] | None = None,
 ) -> Timed:
     timed = Timed([], [], "", 0)
     for rep in range(reps):
         if poller is not None:
             poller.__enter__()
-        t0 = time.perf_counter()
+        if rep == reps - 1 and before_last is not None:
+            before_last()
+        t0 = time.perf_counter_ns()
         tokens = generate()
-        timed.walls.append(time.perf_counter() - t0)
+        t1 = time.perf_counter_ns()
+        timed.walls.append((t1 - t0) / 1e9)
+        timed.last_call = (t0, t1)
         if poller is not None:
             poller.__exit__()
             timed.nvml.append(poller.mean)
@@ -97,21 +151,20 @@ def timed_reps(
     return timed
 
 
-def base_record(system: System, spec: dict[str, Any], timed: Timed, busy: float,
-                lo: int, hi: int, card: str) -> dict[str, Any]:  # fmt: skip
+def base_record(system: System, spec: dict[str, Any], timed: Timed, busy: Busy,
+                card: str) -> dict[str, Any]:  # fmt: skip
     import torch
 
     return {
         "system": system.name,
         "tokens_per_s": timed.gen_tokens / timed.wall,
         "wall_s": timed.wall,
-        "gpu_busy": busy,
+        **busy.fields(),
         "gpu_busy_nvml": _mean(timed.nvml),
         "card": card,
         "torch_version": torch.__version__,
         "decode_step_ms": 1000 * timed.wall / spec["gen_len"],
         "reps_wall_s": timed.walls,
-        "profiled_wall_s": (hi - lo) / 1e9,
         "generated_tokens": timed.gen_tokens,
         "output_digest": timed.digest,
     }
@@ -120,8 +173,6 @@ def base_record(system: System, spec: dict[str, Any], timed: Timed, busy: float,
 def run_vllm(spec: dict[str, Any], system: System) -> dict[str, Any]:
     import vllm
     from vllm import LLM, SamplingParams
-
-    from async_executor import tracing
 
     on_gpu = spec["device"] == "cuda"
     kwargs: dict[str, Any] = dict(
@@ -158,21 +209,37 @@ def run_vllm(spec: dict[str, Any], system: System) -> dict[str, Any]:
         outputs = llm.generate(prompts, params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outputs]
 
-    timed = timed_reps(generate, spec["reps"], poller)
+    window = spec.get("busy_window")
+    before_last = None
+    if window and on_gpu:
 
-    # One more run with the device-side measurement on.
-    if on_gpu:
-        llm.collective_rpc(measure.profiler_start)
-    lo = time.perf_counter_ns()
-    llm.generate(prompts, params, use_tqdm=False)
-    hi = time.perf_counter_ns()
-    kernels = llm.collective_rpc(measure.profiler_stop)[0] if on_gpu else []
-    time.sleep(1.2)  # every process flushes its spans twice a second
-    spans = [s for s in tracing.read_span_files(TRACE_DIR) if lo <= s[1] <= hi]
-    if on_gpu:
-        busy = measure.busy_share(kernels, lo, hi)
+        def before_last() -> object:
+            return llm.collective_rpc(
+                measure.profiler_start, kwargs={"delay_s": window[0], "length_s": window[1]}
+            )
+
+    timed = timed_reps(generate, spec["reps"], poller, before_last)
+    step_ns = 1e9 * timed.wall / spec["gen_len"]
+
+    if window:
+        method = f"sampled {window[1]:g} s from {window[0]:g} s into the last timed call"
+        call = timed.last_call
     else:
-        busy = measure.busy_share([(s[1], s[2]) for s in spans if s[0] == "forward"], lo, hi)
+        method = "one more call, traced whole"
+        if on_gpu:
+            llm.collective_rpc(measure.profiler_start)
+        lo = time.perf_counter_ns()
+        llm.generate(prompts, params, use_tqdm=False)
+        call = (lo, time.perf_counter_ns())
+    spans = _spans(*call)
+    kernels: list[Any] = []
+    if on_gpu:
+        trace = llm.collective_rpc(measure.profiler_stop)[0]
+        kernels = trace["kernels"]
+        busy = busy_from_trace(trace, method, call)
+    else:
+        lo, hi = sampled_window(window, call) if window else call
+        busy = busy_from_spans(spans, lo, hi, method)
 
     config = llm.llm_engine.vllm_config
     stats = None
@@ -181,67 +248,118 @@ def run_vllm(spec: dict[str, Any], system: System) -> dict[str, Any]:
 
         stats = pipeline_stats(llm).as_dict()
     card = poller.card() if poller is not None else _cpu_name()
-    record = base_record(system, spec, timed, busy, lo, hi, card) | {
+    record = base_record(system, spec, timed, busy, card) | {
         "vllm_version": vllm.__version__,
         "startup_s": startup_s,
         "async_scheduling": bool(config.scheduler_config.async_scheduling),
         "model_runner": "v2" if config.use_v2_model_runner else "v1",
         "settings": system.settings,
         "pipeline_stats": stats,
-        "timeline": _timeline_window(spans, kernels, lo, hi, 12, spec["gen_len"]),
+        "timeline": _timeline_window(spans, kernels, busy.lo, busy.hi, step_ns),
     }
     llm.llm_engine.engine_core.shutdown()
     return record
 
 
+def _spans(lo: int, hi: int) -> list[Any]:
+    from async_executor import tracing
+
+    time.sleep(1.2)  # every process flushes its spans twice a second
+    return [s for s in tracing.read_span_files(TRACE_DIR) if lo <= s[1] <= hi]
+
+
 def run_hf(spec: dict[str, Any], system: System) -> dict[str, Any]:
-    """Hugging Face transformers continuous batching (paged attention)."""
+    """Hugging Face transformers continuous batching (paged attention).
+
+    Its own random weights (same distribution as vLLM's dummy loader, not the
+    same values), so its tokens are not compared with vLLM's."""
     import torch
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    if spec["device"] != "cuda":
-        raise RuntimeError("transformers continuous batching is benchmarked on CUDA only")
+    on_gpu = spec["device"] == "cuda"
+    if system.hf_async and not on_gpu:
+        raise RuntimeError("transformers' async batching (use_async_batching=True) "
+                           "needs a CUDA device; skipped on CPU")  # fmt: skip
     from transformers import ContinuousBatchingConfig  # type: ignore[attr-defined]
 
     config = AutoConfig.from_pretrained(spec["model"])
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device("cuda" if on_gpu else "cpu"):
         model = AutoModelForCausalLM.from_config(
-            config, torch_dtype=torch.bfloat16, attn_implementation="paged|sdpa"
-        )
-    with torch.no_grad():
-        # Same distribution as vLLM's dummy loader.
-        for p in model.parameters():
-            p.uniform_(-1e-3, 1e-3)
+            config, dtype=torch.bfloat16 if on_gpu else torch.float32,
+            attn_implementation="paged|sdpa",
+        )  # fmt: skip
+    if spec["dummy"]:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.uniform_(-1e-3, 1e-3)
     model.eval()
+    forward_spans: list[tuple[str, int, int]] = []
+    if not on_gpu:  # the CPU analogue of busy: time inside the forward pass
+        forward = model.forward
+
+        def timed_forward(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter_ns()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                forward_spans.append(("forward", t0, time.perf_counter_ns()))
+
+        model.forward = timed_forward  # type: ignore[method-assign]
     generation = GenerationConfig(
         max_new_tokens=spec["gen_len"], do_sample=False, eos_token_id=-1,
         pad_token_id=0,
     )  # fmt: skip
     cb = ContinuousBatchingConfig(use_async_batching=system.hf_async)
     prompts = make_prompts(spec["batch"], spec["prompt_len"], spec["vocab_size"])
-    model.generate_batch(prompts[:8], generation_config=generation,
-                         continuous_batching_config=cb)  # fmt: skip
-    poller = measure.NvmlPoller()
+    order = {tuple(p): i for i, p in enumerate(prompts)}
+    poller = measure.NvmlPoller() if on_gpu else None
 
     def generate() -> list[list[int]]:
+        # One manager (KV cache, CUDA graphs) for every call, sized for the
+        # workload by the first one, as vLLM's engine is built once.
         out = model.generate_batch(prompts, generation_config=generation,
-                                   continuous_batching_config=cb)  # fmt: skip
-        return [list(v.generated_tokens) for _, v in sorted(out.items())]
+                                   continuous_batching_config=cb,
+                                   persistent_manager=True)  # fmt: skip
+        by_prompt = sorted(out.values(), key=lambda v: order[tuple(v.prompt_ids)])
+        return [list(v.generated_tokens) for v in by_prompt]
 
-    timed = timed_reps(generate, spec["reps"], poller)
-    measure.profiler_start()
-    lo = time.perf_counter_ns()
-    model.generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
-    hi = time.perf_counter_ns()
-    kernels = measure.profiler_stop()
-    busy = measure.busy_share(kernels, lo, hi)
-    return base_record(system, spec, timed, busy, lo, hi, poller.card()) | {
+    generate()  # warm-up: builds the manager
+    window = spec.get("busy_window")
+    before_last = None
+    if window and on_gpu:
+
+        def before_last() -> object:
+            return measure.profiler_start(delay_s=window[0], length_s=window[1])
+
+    timed = timed_reps(generate, spec["reps"], poller, before_last)
+    if window:
+        method = f"sampled {window[1]:g} s from {window[0]:g} s into the last timed call"
+        call = timed.last_call
+    else:
+        method = "one more call, traced whole"
+        if on_gpu:
+            measure.profiler_start()
+        lo = time.perf_counter_ns()
+        generate()
+        call = (lo, time.perf_counter_ns())
+    kernels: list[Any] = []
+    if on_gpu:
+        trace = measure.profiler_stop()
+        kernels = trace["kernels"]
+        busy = busy_from_trace(trace, method, call)
+    else:
+        lo, hi = sampled_window(window, call) if window else call
+        busy = busy_from_spans(forward_spans, lo, hi, method)
+    card = poller.card() if poller is not None else _cpu_name()
+    return base_record(system, spec, timed, busy, card) | {
         "vllm_version": None,
         "transformers_version": transformers.__version__,
         "settings": {"use_async_batching": system.hf_async},
-        "timeline": _timeline_window([], kernels, lo, hi, 12, spec["gen_len"]),
+        "timeline": _timeline_window(
+            forward_spans, kernels, *call, 1e9 * timed.wall / spec["gen_len"]
+        ),
     }
 
 

@@ -41,3 +41,29 @@ def test_smoke_preset_writes_records_and_timeline(tmp_path: Path) -> None:
     png = out / "timeline.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "async_executor" in proc.stdout and "tok/s" in proc.stdout
+
+
+def test_transformers_rows_and_sampled_busy_on_cpu(tmp_path: Path) -> None:
+    """The transformers runner and the sampled busy window (the reference
+    preset's) at tiny scale on CPU: what the GPU host runs, exercised in CI."""
+    out = tmp_path / "hf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--shape", "tiny", "--batch", "8",
+         "--prompt-len", "16", "--gen-len", "768", "--device", "cpu", "--reps", "1",
+         "--systems", "vllm-sync,hf-sync,hf-async", "--busy-window", "0.05,0.6",
+         "--out", str(out), "--models-dir", str(tmp_path / "models")],
+        cwd=ROOT, capture_output=True, text=True, timeout=850,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    by_system = {r["system"]: r for r in json.loads((out / "results.json").read_text())}
+    for name in ("vllm-sync", "hf-sync"):
+        record = by_system[name]
+        assert record["generated_tokens"] == 8 * 768, record
+        assert record["busy_method"].startswith("sampled 0.6 s from 0.05 s"), record
+        # The lead-in of a sampled window is left out of it.
+        assert abs(record["busy_window_s"] - 0.1) < 1e-6, record
+        assert 0.0 < record["gpu_busy"] <= 1.0, record
+        assert record["timeline"]["spans"], record["timeline"]
+    assert by_system["hf-sync"]["transformers_version"]
+    assert "needs a CUDA device" in by_system["hf-async"]["skipped"]
+    assert "n/a (other weights)" in proc.stdout

@@ -1,0 +1,51 @@
+"""Units of the benchmark's device-side measurement (ours alone, no vLLM)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import measure
+from benchmarks.run_one import busy_from_trace, sampled_window
+
+
+def test_busy_share_is_the_union_of_intervals_inside_the_window() -> None:
+    kernels = [(0, 10, 0), (5, 20, 1), (30, 40, 0), (95, 120, 1)]
+    assert measure.union_length(kernels, 0, 100) == 20 + 10 + 5
+    assert measure.busy_share(kernels, 10, 40) == pytest.approx(20 / 30)
+
+
+def test_gap_breakdown_charges_each_gap_to_the_kernel_that_ends_it() -> None:
+    us = 1000
+    names = ["gemm", "sample", "prepare"]
+    kernels = [
+        (0, 100 * us, 0),
+        (105 * us, 200 * us, 1),  # 5 us gap before "sample"
+        (250 * us, 300 * us, 2),  # 50 us gap before "prepare"
+        (260 * us, 280 * us, 0),  # overlaps: no gap
+        (500 * us, 600 * us, 2),  # 200 us gap before "prepare"
+    ]
+    gaps = measure.gap_breakdown(kernels, names, 0, 650 * us)
+    assert gaps["idle_ns_by_gap_size"] == {
+        "lt_10us": 5 * us, "10us_100us": 50 * us + 50 * us, "ge_100us": 200 * us,
+    }  # fmt: skip
+    assert gaps["idle_share"] == pytest.approx(305 / 650)
+    first = gaps["before_kernel"][0]
+    assert first == {"kernel": "prepare", "idle_ns": 250 * us, "gaps": 2}
+    assert gaps["before_kernel"][1]["kernel"] == "sample"
+
+
+def test_sampled_window_leaves_out_the_lead_in_and_must_fit_the_call() -> None:
+    second = 1_000_000_000
+    lo, hi = sampled_window([1.0, 2.0], (10 * second, 20 * second))
+    assert lo == 10 * second + int((1.0 + measure.SAMPLE_LEAD_IN_S) * second)
+    assert hi == 13 * second
+    with pytest.raises(RuntimeError, match="ran past the end of the call"):
+        sampled_window([9.0, 2.0], (10 * second, 20 * second))
+
+
+def test_a_trace_that_outlives_the_call_is_an_error() -> None:
+    trace = {"kernels": [(5, 6, 0)], "names": ["k"], "window_ns": [0, 100]}
+    busy = busy_from_trace(trace, "whole", (0, 100))
+    assert busy.share == pytest.approx(0.01)
+    with pytest.raises(RuntimeError, match="busy window ran past the end"):
+        busy_from_trace(trace, "sampled", (0, 30))
