@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -148,12 +149,13 @@ def main(argv: list[str] | None = None) -> int:
                 device=cfg["device"], busy_window=cfg.get("busy_window"), command=command,
             )  # fmt: skip
             records.append(_run(spec, out, args.timeout))
+            # After every system: a session cut short keeps what it measured.
+            (out / "results.json").write_text(json.dumps(records, indent=1))
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
 
-    (out / "results.json").write_text(json.dumps(records, indent=1))
     print(summary_table(records))
     if cfg["timeline"]:
         from benchmarks.timeline import draw_timeline
@@ -172,18 +174,25 @@ def _run(spec: dict[str, Any], out: Path, timeout: int) -> dict[str, Any]:
     spec_path.write_text(json.dumps(spec))
     log = out / f"{tag}.log"
     with log.open("w") as fh:
-        proc = subprocess.run(
+        # Its own session, so that a timeout takes the engine's processes too.
+        proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.run_one", str(spec_path), str(rec_path)],
-            stdout=fh, stderr=subprocess.STDOUT, timeout=timeout,
+            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
+        try:
+            why = f"exit {proc.wait(timeout=timeout)}"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            why = f"timed out after {timeout} s (--timeout)"
     spec_path.unlink(missing_ok=True)
     if proc.returncode != 0 or not rec_path.exists():
         tail = log.read_text()[-3000:]
-        print(f"\n{spec['system']} failed (exit {proc.returncode}); log {log}:\n{tail}")
+        print(f"\n{spec['system']} failed ({why}); log {log}:\n{tail}")
         return {k: spec[k] for k in ("run_id", "system", "shape", "batch", "tp",
                                      "prompt_len", "gen_len")} | {
-            "error": f"exit {proc.returncode}", "log": str(log)}  # fmt: skip
+            "error": why, "log": str(log)}  # fmt: skip
     record: dict[str, Any] = json.loads(rec_path.read_text())
     rec_path.unlink()
     return record

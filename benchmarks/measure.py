@@ -162,9 +162,11 @@ def gap_breakdown(kernels: Iterable[Kernel], names: list[str], lo: int, hi: int,
     charged: dict[int, list[int]] = {}
     sizes = {"lt_10us": 0, "10us_100us": 0, "ge_100us": 0}
     end = lo
+    first: int | None = None
     for start, stop, name in sorted(kernels):
         if stop <= lo or start >= hi:
             continue
+        first = max(lo, start) if first is None else first
         if start > end:
             gap = start - end
             entry = charged.setdefault(name, [0, 0])
@@ -180,6 +182,9 @@ def gap_breakdown(kernels: Iterable[Kernel], names: list[str], lo: int, hi: int,
         "window_s": (hi - lo) / 1e9,
         "idle_share": idle / max(1, hi - lo),
         "idle_ns_by_gap_size": sizes,
+        # Of which: before the first kernel and after the last (a whole call's
+        # request intake and output collection).
+        "idle_ns_at_edges": [(first if first is not None else hi) - lo, hi - end],
         "before_kernel": [
             {"kernel": names[n], "idle_ns": ns, "gaps": count} for n, (ns, count) in worst
         ],

@@ -81,11 +81,13 @@ class Busy:
                 "busy_window_s": (self.hi - self.lo) / 1e9, "idle_gaps": self.gaps}  # fmt: skip
 
 
-def busy_from_trace(trace: dict[str, Any], method: str, call: tuple[int, int]) -> Busy:
-    """Busy share and idle gaps of a kernel trace (measure.profiler_stop)."""
-    lo, hi = trace["window_ns"]
-    lo, hi = max(lo, call[0]), min(hi, call[1])
-    if hi - lo < 0.5 * (trace["window_ns"][1] - trace["window_ns"][0]):
+def busy_from_trace(trace: dict[str, Any], method: str, call: tuple[int, int],
+                    sampled: bool) -> Busy:  # fmt: skip
+    """Busy share and idle gaps of a kernel trace (measure.profiler_stop): over
+    the whole call, or over the trace's sampled window, which must lie inside
+    the call."""
+    lo, hi = trace["window_ns"] if sampled else call
+    if sampled and hi > call[1]:
         raise RuntimeError(
             "the busy window ran past the end of the call: pass a shorter or earlier --busy-window"
         )
@@ -236,7 +238,7 @@ def run_vllm(spec: dict[str, Any], system: System) -> dict[str, Any]:
     if on_gpu:
         trace = llm.collective_rpc(measure.profiler_stop)[0]
         kernels = trace["kernels"]
-        busy = busy_from_trace(trace, method, call)
+        busy = busy_from_trace(trace, method, call, bool(window))
     else:
         lo, hi = sampled_window(window, call) if window else call
         busy = busy_from_spans(spans, lo, hi, method)
@@ -348,7 +350,7 @@ def run_hf(spec: dict[str, Any], system: System) -> dict[str, Any]:
     if on_gpu:
         trace = measure.profiler_stop()
         kernels = trace["kernels"]
-        busy = busy_from_trace(trace, method, call)
+        busy = busy_from_trace(trace, method, call, bool(window))
     else:
         lo, hi = sampled_window(window, call) if window else call
         busy = busy_from_spans(forward_spans, lo, hi, method)

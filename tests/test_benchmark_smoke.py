@@ -67,3 +67,20 @@ def test_transformers_rows_and_sampled_busy_on_cpu(tmp_path: Path) -> None:
     assert by_system["hf-sync"]["transformers_version"]
     assert "needs a CUDA device" in by_system["hf-async"]["skipped"]
     assert "n/a (other weights)" in proc.stdout
+
+
+def test_a_system_past_its_timeout_is_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
+    out = tmp_path / "timeout"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--shape", "tiny", "--batch", "2",
+         "--prompt-len", "8", "--gen-len", "8", "--device", "cpu",
+         "--systems", "vllm-sync,async_executor", "--timeout", "2",
+         "--out", str(out), "--models-dir", str(tmp_path / "models")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads((out / "results.json").read_text())
+    assert [r["system"] for r in records] == ["vllm-sync", "async_executor"]
+    for record in records:
+        assert record["error"] == "timed out after 2 s (--timeout)", record
+    assert "timed out after 2 s" in proc.stdout

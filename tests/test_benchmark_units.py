@@ -29,6 +29,7 @@ def test_gap_breakdown_charges_each_gap_to_the_kernel_that_ends_it() -> None:
         "lt_10us": 5 * us, "10us_100us": 50 * us + 50 * us, "ge_100us": 200 * us,
     }  # fmt: skip
     assert gaps["idle_share"] == pytest.approx(305 / 650)
+    assert gaps["idle_ns_at_edges"] == [0, 50 * us]
     first = gaps["before_kernel"][0]
     assert first == {"kernel": "prepare", "idle_ns": 250 * us, "gaps": 2}
     assert gaps["before_kernel"][1]["kernel"] == "sample"
@@ -43,9 +44,18 @@ def test_sampled_window_leaves_out_the_lead_in_and_must_fit_the_call() -> None:
         sampled_window([9.0, 2.0], (10 * second, 20 * second))
 
 
-def test_a_trace_that_outlives_the_call_is_an_error() -> None:
+def test_busy_of_a_whole_call_is_over_the_call_not_the_trace() -> None:
+    # The profiler starts before the call and stops well after it (the RPCs
+    # around it): the call bounds the window.
+    trace = {"kernels": [(15, 25, 0)], "names": ["k"], "window_ns": [0, 1000]}
+    busy = busy_from_trace(trace, "whole", (10, 30), sampled=False)
+    assert (busy.lo, busy.hi) == (10, 30)
+    assert busy.share == pytest.approx(0.5)
+
+
+def test_a_sampled_trace_that_outlives_the_call_is_an_error() -> None:
     trace = {"kernels": [(5, 6, 0)], "names": ["k"], "window_ns": [0, 100]}
-    busy = busy_from_trace(trace, "whole", (0, 100))
+    busy = busy_from_trace(trace, "sampled", (0, 100), sampled=True)
     assert busy.share == pytest.approx(0.01)
     with pytest.raises(RuntimeError, match="busy window ran past the end"):
-        busy_from_trace(trace, "sampled", (0, 30))
+        busy_from_trace(trace, "sampled", (0, 30), sampled=True)
