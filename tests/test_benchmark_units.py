@@ -59,3 +59,17 @@ def test_a_sampled_trace_that_outlives_the_call_is_an_error() -> None:
     assert busy.share == pytest.approx(0.01)
     with pytest.raises(RuntimeError, match="busy window ran past the end"):
         busy_from_trace(trace, "sampled", (0, 30), sampled=True)
+
+
+def test_reference_preset_samples_busy_and_the_flag_is_checked() -> None:
+    from benchmarks.__main__ import _parse, _settings
+
+    cfg = _settings(_parse(["--preset", "reference", "--out", "x"]))
+    assert cfg["workloads"] == [(32, 256, 8192)] and cfg["shape"] == "llama-8b"
+    assert cfg["busy_window"] == (40.0, 10.0)
+    assert cfg["systems"].split(",")[:2] == ["vllm-sync", "vllm-async"]
+    cfg = _settings(_parse(["--preset", "smoke", "--busy-window", "0.5,2", "--out", "x"]))
+    assert cfg["busy_window"] == (0.5, 2.0)
+    for bad in ("2", "a,b", "-1,2", "1,0"):
+        with pytest.raises(SystemExit):
+            _parse(["--busy-window", bad, "--out", "x"])
