@@ -95,6 +95,10 @@ class _KernelTrace:
         kernels: list[Kernel] = []
         if raw:
             # The first kernel is the marker, launched right after marker_ns.
+            # Hazard: in a sampled window the engine keeps launching while the
+            # profiler starts, so one of its kernels may run first; the clock
+            # offset is then off by at most the profiler's start-up time (busy
+            # over seconds barely moves; the timeline's device lane may shift).
             offset = self.marker_ns - raw[0][0]
             kernels = [(s + offset, e + offset, n) for s, e, n in raw[1:]]
         return {"kernels": kernels, "names": list(names),

@@ -153,15 +153,70 @@ def timed_reps(
     return timed
 
 
-def base_record(system: System, spec: dict[str, Any], timed: Timed, busy: Busy,
+@dataclass
+class Measured:
+    """What one system's runs measured: wall times, busy, timeline material."""
+
+    timed: Timed
+    busy: Busy
+    spans: list[Any]
+    kernels: list[Any]
+
+    def timeline(self, gen_len: int) -> dict[str, Any]:
+        step_ns = 1e9 * self.timed.wall / gen_len
+        return _timeline_window(self.spans, self.kernels, self.busy.lo, self.busy.hi, step_ns)
+
+
+def measure_runs(
+    generate: Callable[[], list[list[int]]],
+    spec: dict[str, Any],
+    poller: measure.NvmlPoller | None,
+    start_trace: Callable[..., object],
+    stop_trace: Callable[[], dict[str, Any]],
+    read_spans: Callable[[int, int], list[Any]],
+) -> Measured:
+    """The timed calls, then busy: from a kernel trace on GPU (start_trace and
+    stop_trace run measure.profiler_start/stop in the process that launches
+    kernels), from forward spans on CPU (read_spans); over one more call traced
+    whole, or over spec["busy_window"] of the last timed call."""
+    on_gpu = spec["device"] == "cuda"
+    window = spec.get("busy_window")
+    before_last = None
+    if window and on_gpu:
+
+        def before_last() -> object:
+            return start_trace(delay_s=window[0], length_s=window[1])
+
+    timed = timed_reps(generate, spec["reps"], poller, before_last)
+    if window:
+        method = f"sampled {window[1]:g} s from {window[0]:g} s into the last timed call"
+        call = timed.last_call
+    else:
+        method = "one more call, traced whole"
+        if on_gpu:
+            start_trace()
+        lo = time.perf_counter_ns()
+        generate()
+        call = (lo, time.perf_counter_ns())
+    spans = read_spans(*call)
+    if on_gpu:
+        trace = stop_trace()
+        busy = busy_from_trace(trace, method, call, sampled=bool(window))
+        return Measured(timed, busy, spans, trace["kernels"])
+    lo, hi = sampled_window(window, call) if window else call
+    return Measured(timed, busy_from_spans(spans, lo, hi, method), spans, [])
+
+
+def base_record(system: System, spec: dict[str, Any], measured: Measured,
                 card: str) -> dict[str, Any]:  # fmt: skip
     import torch
 
+    timed = measured.timed
     return {
         "system": system.name,
         "tokens_per_s": timed.gen_tokens / timed.wall,
         "wall_s": timed.wall,
-        **busy.fields(),
+        **measured.busy.fields(),
         "gpu_busy_nvml": _mean(timed.nvml),
         "card": card,
         "torch_version": torch.__version__,
@@ -211,37 +266,12 @@ def run_vllm(spec: dict[str, Any], system: System) -> dict[str, Any]:
         outputs = llm.generate(prompts, params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outputs]
 
-    window = spec.get("busy_window")
-    before_last = None
-    if window and on_gpu:
-
-        def before_last() -> object:
-            return llm.collective_rpc(
-                measure.profiler_start, kwargs={"delay_s": window[0], "length_s": window[1]}
-            )
-
-    timed = timed_reps(generate, spec["reps"], poller, before_last)
-    step_ns = 1e9 * timed.wall / spec["gen_len"]
-
-    if window:
-        method = f"sampled {window[1]:g} s from {window[0]:g} s into the last timed call"
-        call = timed.last_call
-    else:
-        method = "one more call, traced whole"
-        if on_gpu:
-            llm.collective_rpc(measure.profiler_start)
-        lo = time.perf_counter_ns()
-        llm.generate(prompts, params, use_tqdm=False)
-        call = (lo, time.perf_counter_ns())
-    spans = _spans(*call)
-    kernels: list[Any] = []
-    if on_gpu:
-        trace = llm.collective_rpc(measure.profiler_stop)[0]
-        kernels = trace["kernels"]
-        busy = busy_from_trace(trace, method, call, bool(window))
-    else:
-        lo, hi = sampled_window(window, call) if window else call
-        busy = busy_from_spans(spans, lo, hi, method)
+    measured = measure_runs(
+        generate, spec, poller,
+        start_trace=lambda **kw: llm.collective_rpc(measure.profiler_start, kwargs=kw),
+        stop_trace=lambda: llm.collective_rpc(measure.profiler_stop)[0],
+        read_spans=_spans,
+    )  # fmt: skip
 
     config = llm.llm_engine.vllm_config
     stats = None
@@ -250,14 +280,14 @@ def run_vllm(spec: dict[str, Any], system: System) -> dict[str, Any]:
 
         stats = pipeline_stats(llm).as_dict()
     card = poller.card() if poller is not None else _cpu_name()
-    record = base_record(system, spec, timed, busy, card) | {
+    record = base_record(system, spec, measured, card) | {
         "vllm_version": vllm.__version__,
         "startup_s": startup_s,
         "async_scheduling": bool(config.scheduler_config.async_scheduling),
         "model_runner": "v2" if config.use_v2_model_runner else "v1",
         "settings": system.settings,
         "pipeline_stats": stats,
-        "timeline": _timeline_window(spans, kernels, busy.lo, busy.hi, step_ns),
+        "timeline": measured.timeline(spec["gen_len"]),
     }
     llm.llm_engine.engine_core.shutdown()
     return record
@@ -328,40 +358,17 @@ def run_hf(spec: dict[str, Any], system: System) -> dict[str, Any]:
         return [list(v.generated_tokens) for v in by_prompt]
 
     generate()  # warm-up: builds the manager
-    window = spec.get("busy_window")
-    before_last = None
-    if window and on_gpu:
-
-        def before_last() -> object:
-            return measure.profiler_start(delay_s=window[0], length_s=window[1])
-
-    timed = timed_reps(generate, spec["reps"], poller, before_last)
-    if window:
-        method = f"sampled {window[1]:g} s from {window[0]:g} s into the last timed call"
-        call = timed.last_call
-    else:
-        method = "one more call, traced whole"
-        if on_gpu:
-            measure.profiler_start()
-        lo = time.perf_counter_ns()
-        generate()
-        call = (lo, time.perf_counter_ns())
-    kernels: list[Any] = []
-    if on_gpu:
-        trace = measure.profiler_stop()
-        kernels = trace["kernels"]
-        busy = busy_from_trace(trace, method, call, bool(window))
-    else:
-        lo, hi = sampled_window(window, call) if window else call
-        busy = busy_from_spans(forward_spans, lo, hi, method)
+    measured = measure_runs(
+        generate, spec, poller,
+        start_trace=measure.profiler_start, stop_trace=measure.profiler_stop,
+        read_spans=lambda lo, hi: [s for s in forward_spans if lo <= s[1] <= hi],
+    )  # fmt: skip
     card = poller.card() if poller is not None else _cpu_name()
-    return base_record(system, spec, timed, busy, card) | {
+    return base_record(system, spec, measured, card) | {
         "vllm_version": None,
         "transformers_version": transformers.__version__,
         "settings": {"use_async_batching": system.hf_async},
-        "timeline": _timeline_window(
-            forward_spans, kernels, *call, 1e9 * timed.wall / spec["gen_len"]
-        ),
+        "timeline": measured.timeline(spec["gen_len"]),
     }
 
 
