@@ -87,13 +87,11 @@ def busy_from_trace(trace: dict[str, Any], method: str, call: tuple[int, int],
     the whole call, or over the trace's sampled window, which must lie inside
     the call."""
     lo, hi = trace["window_ns"] if sampled else call
-    if sampled and hi > call[1]:
-        raise RuntimeError(
-            "the busy window ran past the end of the call: pass a shorter or earlier --busy-window"
-        )
-    kernels = trace["kernels"]
-    return Busy(lo, hi, measure.busy_share(kernels, lo, hi), method,
-                measure.gap_breakdown(kernels, trace["names"], lo, hi))  # fmt: skip
+    if sampled:
+        _check_inside(hi, call)
+    # One pass over the kernels: busy is what the gaps leave.
+    gaps = measure.gap_breakdown(trace["kernels"], trace["names"], lo, hi)
+    return Busy(lo, hi, 1.0 - gaps["idle_share"], method, gaps)
 
 
 def busy_from_spans(spans: list[Any], lo: int, hi: int, method: str) -> Busy:
@@ -107,10 +105,14 @@ def sampled_window(busy_window: list[float], call: tuple[int, int]) -> tuple[int
     delay, length = busy_window
     lo = call[0] + int((delay + measure.SAMPLE_LEAD_IN_S) * 1e9)
     hi = call[0] + int((delay + length) * 1e9)
+    _check_inside(hi, call)
+    return lo, hi
+
+
+def _check_inside(hi: int, call: tuple[int, int]) -> None:
     if hi > call[1]:
         raise RuntimeError("the busy window ran past the end of the call: pass a "
                            "shorter or earlier --busy-window")  # fmt: skip
-    return lo, hi
 
 
 @dataclass

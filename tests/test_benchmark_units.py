@@ -29,6 +29,8 @@ def test_gap_breakdown_charges_each_gap_to_the_kernel_that_ends_it() -> None:
         "lt_10us": 5 * us, "10us_100us": 50 * us + 50 * us, "ge_100us": 200 * us,
     }  # fmt: skip
     assert gaps["idle_share"] == pytest.approx(305 / 650)
+    # The same union as busy_share, seen from the gaps.
+    assert 1.0 - gaps["idle_share"] == pytest.approx(measure.busy_share(kernels, 0, 650 * us))
     assert gaps["idle_ns_at_edges"] == [0, 50 * us]
     first = gaps["before_kernel"][0]
     assert first == {"kernel": "prepare", "idle_ns": 250 * us, "gaps": 2}
