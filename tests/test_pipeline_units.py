@@ -163,6 +163,7 @@ def test_tracker_counts_overlap_and_carry_over() -> None:
     assert s.carry_over_tokens == 2 + 6
     assert s.device_steps == 6 and s.windowed_batches == 1
     assert s.max_in_flight == 2
+    assert s.window_sizes == {1: 2, 4: 1}
 
 
 def test_stats_merge() -> None:
@@ -170,6 +171,9 @@ def test_stats_merge() -> None:
     b = PipelineStats(batches_launched=3, max_in_flight=3, wasted_tokens_dropped=1)
     m = a.merged(b)
     assert (m.batches_launched, m.max_in_flight, m.wasted_tokens_dropped) == (5, 3, 1)
+    # The window-size histogram adds bucket by bucket; JSON's string keys are read back.
+    c = PipelineStats(window_sizes={1: 2, 4: 1}).merged(PipelineStats(window_sizes={"4": 2}))
+    assert c.window_sizes == {1: 2, 4: 3}
 
 
 # -- decode window split and merge (vLLM's data classes, no engine) ----------

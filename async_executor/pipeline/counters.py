@@ -7,7 +7,9 @@ leaves them at zero, and fails.
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -33,14 +35,34 @@ class PipelineStats:
     wasted_tokens_dropped: int = 0
     # Largest number of batches in flight at once.
     max_in_flight: int = 0
+    # Launched batches by device steps: {window size: batches}; 1 = no window.
+    window_sizes: dict[int, int] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, int]:
+    def __post_init__(self) -> None:
+        # Keys arrive as strings after a trip through JSON (the HTTP RPC).
+        self.window_sizes = {int(k): int(v) for k, v in self.window_sizes.items()}
+
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def merged(self, other: PipelineStats) -> PipelineStats:
-        values = {k: v + getattr(other, k) for k, v in self.as_dict().items()}
-        values["max_in_flight"] = max(self.max_in_flight, other.max_in_flight)
+        values: dict[str, Any] = {}
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if f.name == "max_in_flight":
+                values[f.name] = max(mine, theirs)
+            elif isinstance(mine, Mapping):
+                values[f.name] = _add_counts(mine, theirs)
+            else:
+                values[f.name] = mine + theirs
         return PipelineStats(**values)
+
+
+def _add_counts(a: Mapping[int, int], b: Mapping[int, int]) -> dict[int, int]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return out
 
 
 class PipelineCounters:
@@ -55,6 +77,19 @@ class PipelineCounters:
             for name, delta in deltas.items():
                 setattr(self._stats, name, getattr(self._stats, name) + delta)
 
+    def launched(self, *, ahead: bool, carried: int, device_steps: int, in_flight: int) -> None:
+        """One batch launched: every launch-time counter under one lock."""
+        with self._lock:
+            s = self._stats
+            s.batches_launched += 1
+            s.launched_before_predecessor_resolved += ahead
+            s.carry_over_tokens += carried
+            s.device_steps += device_steps
+            s.windowed_batches += device_steps > 1
+            s.window_sizes[device_steps] = s.window_sizes.get(device_steps, 0) + 1
+            if in_flight > s.max_in_flight:
+                s.max_in_flight = in_flight
+
     def observe_in_flight(self, n: int) -> None:
         with self._lock:
             if n > self._stats.max_in_flight:
@@ -62,7 +97,10 @@ class PipelineCounters:
 
     def snapshot(self) -> PipelineStats:
         with self._lock:
-            return PipelineStats(**self._stats.as_dict())
+            s = self._stats
+            copy = PipelineStats(**{f.name: getattr(s, f.name) for f in fields(s)})
+            copy.window_sizes = dict(s.window_sizes)
+            return copy
 
 
 # The executor and the scheduler of one engine are built from the same

@@ -58,14 +58,12 @@ class InFlightTracker:
             self._unresolved.append(batch)
             self._latest = batch
             in_flight = len(self._unresolved)
-        self._counters.add(
-            batches_launched=1,
-            launched_before_predecessor_resolved=int(ahead),
-            carry_over_tokens=carried + carried_within,
+        self._counters.launched(
+            ahead=ahead,
+            carried=carried + carried_within,
             device_steps=device_steps,
-            windowed_batches=int(device_steps > 1),
+            in_flight=in_flight,
         )
-        self._counters.observe_in_flight(in_flight)
         return batch
 
     def resolve(self, batch: InFlightBatch) -> None:
