@@ -36,6 +36,14 @@ class PipelineSettings:
     # steady decode is scheduled once and decodes 4 tokens back to back on the
     # device, each step's token carried over to the next on the device.
     decode_window: int = 1
+    # Latency bounds on decode windows, for serving (0 turns a bound off).
+    # A window's tokens reach a stream together: the largest gap between a
+    # stream's tokens that a window may cause, in milliseconds.
+    max_token_gap_ms: float = 50.0
+    # A request that arrives while windows are in flight is admitted after
+    # them: the largest extra delay a window may add to its admission, while
+    # requests keep arriving.
+    max_admission_delay_ms: float = 25.0
     # Where the runner's work runs. "process": the worker in its own process,
     # so the engine schedules batch N+1 while N computes, without sharing a
     # GIL with it. "thread": a device-stage thread in the engine process.
@@ -54,6 +62,12 @@ class PipelineSettings:
             raise SettingsError(f"decode_window must be an int, got {self.decode_window!r}")
         if not 1 <= self.decode_window <= 64:
             raise SettingsError(f"decode_window must be between 1 and 64, got {self.decode_window}")
+        for name in ("max_token_gap_ms", "max_admission_delay_ms"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise SettingsError(f"{name} must be a number of milliseconds, got {value!r}")
+            if not 0 <= value <= 60_000:
+                raise SettingsError(f"{name} must be between 0 and 60000 ms, got {value}")
         if self.stage not in ("auto", "thread", "inline", "process"):
             raise SettingsError(
                 f"stage must be 'auto', 'thread', 'inline' or 'process', got {self.stage!r}"
@@ -111,4 +125,9 @@ def _parse_env(name: str, raw: str, default: Any) -> Any:
             return int(raw)
         except ValueError:
             raise SettingsError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not an integer") from None
+    if isinstance(default, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise SettingsError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a number") from None
     return raw

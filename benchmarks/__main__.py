@@ -32,24 +32,30 @@ from typing import Any
 from benchmarks.shapes import materialize
 from benchmarks.systems import parse_system
 
+# Window settings with the latency bounds off (offline throughput).
+UNBOUNDED = "max_token_gap_ms=0,max_admission_delay_ms=0"
+
 PRESETS: dict[str, dict[str, Any]] = {
     # A tiny model on CPU, minutes on a 2-core machine; CI runs it.
     "smoke": dict(
         shape="tiny", workloads=[(32, 64, 128)], device="cpu", reps=2, timeline=True,
-        systems="vllm-sync,vllm-async,async_executor,async_executor[decode_window=4]",
+        systems=f"vllm-sync,vllm-async,async_executor,async_executor[decode_window=4,{UNBOUNDED}]",
     ),
-    # The 1B shape where vLLM's host work per step exceeds the GPU's.
+    # The 1B shape where vLLM's host work per step exceeds the GPU's; both
+    # workloads on one engine per system. Windows with the latency bounds off:
+    # the mechanism itself.
     "cpu-bound": dict(
-        shape="llama-1b", workloads=[(32, 256, 1024), (128, 256, 1024)], device="cuda",
-        reps=2, attention_backend="TRITON_ATTN",
-        systems="vllm-sync,vllm-async,async_executor,async_executor[decode_window=8]",
+        shape="llama-1b", workloads=[(128, 256, 1024), (32, 256, 1024)], device="cuda",
+        reps=2, attention_backend="FLASH_ATTN",
+        systems="vllm-async,async_executor," + ",".join(
+            f"async_executor[decode_window={w},{UNBOUNDED}]" for w in (2, 16)),
     ),
     # The reference design's headline: 8B, 32 sequences, 8K new tokens. Two
     # minutes a call: busy is sampled over 10 s of the timed call.
     "reference": dict(
         shape="llama-8b", workloads=[(32, 256, 8192)], device="cuda", reps=1,
-        attention_backend="TRITON_ATTN", timeline=True, busy_window=(40.0, 10.0),
-        systems="vllm-sync,vllm-async,async_executor[decode_window=16]",
+        attention_backend="FLASH_ATTN", timeline=True, busy_window=(40.0, 10.0),
+        systems=f"vllm-sync,vllm-async,async_executor[decode_window=16,{UNBOUNDED}]",
     ),
 }  # fmt: skip
 
@@ -61,6 +67,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="sequences (one workload)")
     p.add_argument("--prompt-len", type=int)
     p.add_argument("--gen-len", type=int)
+    p.add_argument(
+        "--workloads", type=_workloads, metavar="BxPxG,...",
+        help="several workloads (batch x prompt x new tokens), each vLLM system's "
+        "engine started once for all of them, e.g. 128x256x1024,32x256x1024",
+    )  # fmt: skip
     p.add_argument("--systems", help="comma-separated (see benchmarks/systems.py)")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--attention-backend", help="e.g. TRITON_ATTN (GPU host)")
@@ -78,6 +89,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _workloads(text: str) -> list[tuple[int, int, int]]:
+    try:
+        out = [tuple(int(x) for x in item.split("x")) for item in text.split(",") if item]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want BxPxG,... got {text!r}") from None
+    if not out or any(len(w) != 3 or min(w) <= 0 for w in out):
+        raise argparse.ArgumentTypeError(f"want BxPxG,... with positive numbers, got {text!r}")
+    return out  # type: ignore[return-value]
+
+
 def _busy_window(text: str) -> tuple[float, float]:
     try:
         delay, length = (float(x) for x in text.split(","))
@@ -92,7 +113,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     cfg: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
     if args.shape:
         cfg["shape"] = args.shape
-    if args.batch or args.prompt_len or args.gen_len:
+    if args.workloads:
+        cfg["workloads"] = args.workloads
+    elif args.batch or args.prompt_len or args.gen_len:
         base = cfg.get("workloads", [(32, 256, 1024)])[0]
         cfg["workloads"] = [(args.batch or base[0], args.prompt_len or base[1],
                              args.gen_len or base[2])]  # fmt: skip
@@ -136,23 +159,27 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
 
     records: list[dict[str, Any]] = []
-    bar = _progress(len(systems) * len(cfg["workloads"]))
-    for batch, prompt_len, gen_len in cfg["workloads"]:
-        for system in systems:
-            if bar is not None:
-                bar.set_description(f"{system.name} b{batch}")
-            spec = dict(
-                run_id=run_id, system=system.name, shape=model.shape, model=model.path,
-                dummy=model.dummy, vocab_size=model.vocab_size, batch=batch,
-                prompt_len=prompt_len, gen_len=gen_len, tp=args.tp,
-                attention_backend=cfg.get("attention_backend"), reps=cfg["reps"],
-                device=cfg["device"], busy_window=cfg.get("busy_window"), command=command,
-            )  # fmt: skip
-            records.append(_run(spec, out, args.timeout))
-            # After every system: a session cut short keeps what it measured.
-            (out / "results.json").write_text(json.dumps(records, indent=1))
-            if bar is not None:
-                bar.update(1)
+    workloads = [list(w) for w in cfg["workloads"]]
+    # One process per vLLM system for all workloads (an engine starts once);
+    # transformers builds its cache per workload, so one process per workload.
+    jobs = [(system, [w]) for system in systems if system.kind == "hf" for w in workloads]
+    jobs[:0] = [(system, workloads) for system in systems if system.kind != "hf"]
+    bar = _progress(len(jobs))
+    for system, job_workloads in jobs:
+        if bar is not None:
+            bar.set_description(system.name)
+        spec = dict(
+            run_id=run_id, system=system.name, shape=model.shape, model=model.path,
+            dummy=model.dummy, vocab_size=model.vocab_size, workloads=job_workloads,
+            tp=args.tp, attention_backend=cfg.get("attention_backend"), reps=cfg["reps"],
+            device=cfg["device"], busy_window=cfg.get("busy_window"), command=command,
+        )  # fmt: skip
+        records.extend(_run(spec, out, args.timeout))
+        # After every system: a session cut short keeps what it measured.
+        records.sort(key=lambda r: workloads.index([r["batch"], r["prompt_len"], r["gen_len"]]))
+        (out / "results.json").write_text(json.dumps(records, indent=1))
+        if bar is not None:
+            bar.update(1)
     if bar is not None:
         bar.close()
 
@@ -167,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _run(spec: dict[str, Any], out: Path, timeout: int) -> dict[str, Any]:
-    tag = f"{spec['system']}-b{spec['batch']}".replace("[", "_").replace("]", "")
+def _run(spec: dict[str, Any], out: Path, timeout: int) -> list[dict[str, Any]]:
+    batches = "-".join(str(w[0]) for w in spec["workloads"])
+    tag = f"{spec['system']}-b{batches}".replace("[", "_").replace("]", "")
     tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
     spec_path, rec_path = out / f".{tag}.spec.json", out / f".{tag}.record.json"
     spec_path.write_text(json.dumps(spec))
@@ -181,27 +209,36 @@ def _run(spec: dict[str, Any], out: Path, timeout: int) -> dict[str, Any]:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
         try:
-            why = f"exit {proc.wait(timeout=timeout)}"
+            why = f"exit {proc.wait(timeout=timeout * len(spec['workloads']))}"
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            why = f"timed out after {timeout} s (--timeout)"
+            why = f"timed out after {timeout} s per workload (--timeout)"
     spec_path.unlink(missing_ok=True)
     if proc.returncode != 0 or not rec_path.exists():
         tail = log.read_text()[-3000:]
         print(f"\n{spec['system']} failed ({why}); log {log}:\n{tail}")
-        return {k: spec[k] for k in ("run_id", "system", "shape", "batch", "tp",
-                                     "prompt_len", "gen_len")} | {
-            "error": why, "log": str(log)}  # fmt: skip
-    record: dict[str, Any] = json.loads(rec_path.read_text())
+        common = {k: spec[k] for k in ("run_id", "system", "shape", "tp")}
+        return [
+            common | {"batch": b, "prompt_len": p, "gen_len": g, "error": why, "log": str(log)}
+            for b, p, g in spec["workloads"]
+        ]
+    records: list[dict[str, Any]] = json.loads(rec_path.read_text())
     rec_path.unlink()
-    return record
+    return records
 
 
 def summary_table(records: list[dict[str, Any]]) -> str:
+    """One block per workload. ratio: tok/s against the block's first system;
+    ceiling: the call's kernel time plus the sub-10 us gaps inside CUDA graphs
+    (the fastest any executor of these kernels can run it), shown against the
+    first system's wall time; of-ceil: how close this system came to its own
+    ceiling (ceiling / wall)."""
     lines = []
-    header = (f"{'system':38} {'batch':>5} {'tok/s':>10} {'wall s':>8} {'step ms':>8} "
-              f"{'busy':>6} {'nvml':>6} {'ratio':>6}  same-out")  # fmt: skip
+    width = max([42, *(len(r.get("system", "")) for r in records)])
+    header = (f"{'system':{width}} {'batch':>5} {'tok/s':>9} {'wall s':>7} {'step ms':>7} "
+              f"{'busy':>6} {'nvml':>5} {'ratio':>6} {'ceil s':>7} {'ceil x':>6} "
+              f"{'of-ceil':>7}  same-out")  # fmt: skip
     by_workload: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
     for r in records:
         by_workload.setdefault((r["batch"], r["prompt_len"], r["gen_len"]), []).append(r)
@@ -213,7 +250,7 @@ def summary_table(records: list[dict[str, Any]]) -> str:
         for r in group:
             if "tokens_per_s" not in r:
                 why = r.get("skipped") or r.get("error")
-                lines.append(f"{r['system']:38} {batch:>5}  -- {why}")
+                lines.append(f"{r['system']:{width}} {batch:>5}  -- {why}")
                 continue
             ratio = r["tokens_per_s"] / first["tokens_per_s"] if first else 1.0
             nvml = r.get("gpu_busy_nvml")
@@ -222,10 +259,17 @@ def summary_table(records: list[dict[str, Any]]) -> str:
                 (first or {}).get("transformers_version")
             ):
                 same = "n/a (other weights)"
+            ceiling = r.get("ceiling_s")
+            ceil_cols = (
+                f"{ceiling:>7.2f} {first['wall_s'] / ceiling:>5.2f}x {r['ceiling_share']:>7.1%}"
+                if ceiling and first
+                else f"{'-':>7} {'-':>6} {'-':>7}"
+            )
             lines.append(
-                f"{r['system']:38} {batch:>5} {r['tokens_per_s']:>10.0f} {r['wall_s']:>8.2f} "
-                f"{r['decode_step_ms']:>8.2f} {r['gpu_busy']:>6.1%} "
-                f"{(f'{nvml:.0%}' if nvml is not None else '-'):>6} {ratio:>6.2f}  {same}"
+                f"{r['system']:{width}} {batch:>5} {r['tokens_per_s']:>9.0f} {r['wall_s']:>7.2f} "
+                f"{r['decode_step_ms']:>7.2f} {r['gpu_busy']:>6.1%} "
+                f"{(f'{nvml:.0%}' if nvml is not None else '-'):>5} {ratio:>6.2f} {ceil_cols}  "
+                f"{same}"
             )
     return "\n".join(lines)
 

@@ -1,27 +1,42 @@
 #!/usr/bin/env bash
-# One GPU session: the benchmarks behind benchmarks/RESULTS.md, one run id.
-# Usage on the GPU host (after `source .gpukit/device.sh`):
+# One GPU session: the runs behind benchmarks/RESULTS.md, one run id.
+# Usage on the GPU host (after `source .gpukit/device.sh`), detached:
 #   setsid nohup bash benchmarks/gpu_session.sh OUTDIR > OUTDIR.log 2>&1 &
-# Ordered by what matters most if the session's device time runs out.
+# Ordered by what matters most if the session's device time runs out; each
+# step runs even if an earlier one failed. STEPS (default: all) picks steps.
 set -u
 OUT=${1:?output directory}
+STEPS=${STEPS:-"exactness llama-1b llama-8b"}
 mkdir -p "$OUT"
-export ASYNC_EXECUTOR_RUN_ID=${ASYNC_EXECUTOR_RUN_ID:-$(date +%Y%m%d-%H%M%S)-h100}
+export ASYNC_EXECUTOR_RUN_ID=${ASYNC_EXECUTOR_RUN_ID:-$(date +%Y%m%d-%H%M%S)-h200}
+export VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING}
+UNBOUNDED=max_token_gap_ms=0,max_admission_delay_ms=0
 step() { echo "=== $(date +%T) $*"; }
-# The reference design's headline: 8B shape, batch 32, 8192 new tokens.
-step reference
-python3 -m benchmarks --preset reference --out "$OUT/reference" --timeout 700
-# Exactness with EOS and stop strings, tiny model and the 1B shape.
-step exactness
-python3 -m benchmarks.gpu_exactness --out "$OUT/exactness" --settings decode_window=16
-# 1B shape, batch 128: where vLLM is CPU-bound; the current code, and depth 3.
-step llama-1b
-python3 -m benchmarks --shape llama-1b --batch 128 --prompt-len 256 --gen-len 1024 \
-  --systems 'vllm-async,async_executor[decode_window=16],async_executor[decode_window=16,depth=3]' \
-  --reps 2 --attention-backend TRITON_ATTN --out "$OUT/llama-1b" --timeline --timeout 400
-# Transformers continuous batching next to vLLM (short run).
-step hf
-python3 -m benchmarks --shape llama-1b --batch 32 --prompt-len 256 --gen-len 256 \
-  --systems 'vllm-async,hf-sync,hf-async' --reps 1 \
-  --attention-backend TRITON_ATTN --out "$OUT/hf" --timeout 400
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+
+if want exactness; then
+  # Device-resident windows against vLLM's synchronous path, CUDA graphs on:
+  # windows 2 and 16 at depth 2 and 3; EOS, stop strings, logprobs, seeded
+  # sampling, n > 1, preemption under a small KV cache.
+  step exactness
+  python3 -m benchmarks.gpu_exactness --out "$OUT/exactness" \
+    --variants "decode_window=2;decode_window=16;decode_window=2,depth=3;decode_window=16,depth=3"
+fi
+if want llama-1b; then
+  # 1B shape at batch 128 and 32 (one engine per system for both): where
+  # vLLM's host work per step exceeds the GPU's.
+  step llama-1b
+  python3 -m benchmarks --shape llama-1b --workloads 128x256x1024,32x256x1024 \
+    --systems "vllm-async,async_executor,async_executor[decode_window=2,$UNBOUNDED],async_executor[decode_window=4,$UNBOUNDED],async_executor[decode_window=16,$UNBOUNDED],async_executor[decode_window=2,depth=3,$UNBOUNDED]" \
+    --reps 2 --attention-backend FLASH_ATTN --out "$OUT/llama-1b" --timeline --timeout 360
+fi
+if want llama-8b; then
+  # 8B shape at batch 32: GPU-bound already; windows must not cost anything.
+  step llama-8b
+  python3 -m benchmarks --shape llama-8b --workloads 32x256x1024 \
+    --systems "vllm-async,async_executor,async_executor[decode_window=2,$UNBOUNDED],async_executor[decode_window=16,$UNBOUNDED]" \
+    --reps 2 --attention-backend FLASH_ATTN --out "$OUT/llama-8b" --timeout 420
+fi
 step "session done: $ASYNC_EXECUTOR_RUN_ID"

@@ -80,6 +80,18 @@ class Busy:
         return {"gpu_busy": self.share, "busy_method": self.method,
                 "busy_window_s": (self.hi - self.lo) / 1e9, "idle_gaps": self.gaps}  # fmt: skip
 
+    def ceiling_s(self, wall_s: float, sampled: bool) -> float | None:
+        """The kernel-time ceiling of one call: its kernel time plus the gaps
+        under 10 us between kernels (inside CUDA graphs), which no executor
+        running these kernels can remove. A whole traced call gives it in
+        seconds; a sampled window gives its share of the window, scaled to the
+        timed call. None without a kernel trace (CPU)."""
+        if self.gaps is None:
+            return None
+        window_ns = self.hi - self.lo
+        bound_ns = self.share * window_ns + self.gaps["idle_ns_by_gap_size"]["lt_10us"]
+        return bound_ns / window_ns * wall_s if sampled else bound_ns / 1e9
+
 
 def busy_from_trace(trace: dict[str, Any], method: str, call: tuple[int, int],
                     sampled: bool) -> Busy:  # fmt: skip
@@ -214,10 +226,15 @@ def base_record(system: System, spec: dict[str, Any], measured: Measured,
     import torch
 
     timed = measured.timed
+    ceiling = measured.busy.ceiling_s(timed.wall, sampled=bool(spec.get("busy_window")))
     return {
         "system": system.name,
         "tokens_per_s": timed.gen_tokens / timed.wall,
         "wall_s": timed.wall,
+        # The fastest this call could run on these kernels, and how close the
+        # system came to it (ceiling_s / wall_s).
+        "ceiling_s": ceiling,
+        "ceiling_share": ceiling / timed.wall if ceiling is not None else None,
         **measured.busy.fields(),
         "gpu_busy_nvml": _mean(timed.nvml),
         "card": card,
@@ -229,15 +246,18 @@ def base_record(system: System, spec: dict[str, Any], measured: Measured,
     }
 
 
-def run_vllm(spec: dict[str, Any], system: System) -> dict[str, Any]:
+def run_vllm(spec: dict[str, Any], system: System) -> list[dict[str, Any]]:
+    """Every workload of the spec on one engine (started once: compile and
+    graph capture take a minute on a GPU), one record each."""
     import vllm
     from vllm import LLM, SamplingParams
 
     on_gpu = spec["device"] == "cuda"
+    workloads = spec["workloads"]
     kwargs: dict[str, Any] = dict(
         seed=0,
-        max_model_len=spec["prompt_len"] + spec["gen_len"] + 16,
-        max_num_seqs=max(spec["batch"], 8),
+        max_model_len=max(p + g for _, p, g in workloads) + 16,
+        max_num_seqs=max(8, *(b for b, _, _ in workloads)),
         tensor_parallel_size=spec["tp"],
         disable_log_stats=True,
     )
@@ -255,44 +275,72 @@ def run_vllm(spec: dict[str, Any], system: System) -> dict[str, Any]:
     t_start = time.perf_counter()
     llm = LLM(spec["model"], **kwargs)
     startup_s = time.perf_counter() - t_start
-    prompts: list[Any] = [{"prompt_token_ids": p} for p in make_prompts(
-        spec["batch"], spec["prompt_len"], spec["vocab_size"])]  # fmt: skip
-    params = SamplingParams(temperature=0.0, max_tokens=spec["gen_len"], ignore_eos=True)
-    llm.generate(prompts[: min(len(prompts), 8)],
-                 SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
-                 use_tqdm=False)  # fmt: skip
-
-    poller = measure.NvmlPoller() if on_gpu else None
-
-    def generate() -> list[list[int]]:
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outputs]
-
-    measured = measure_runs(
-        generate, spec, poller,
-        start_trace=lambda **kw: llm.collective_rpc(measure.profiler_start, kwargs=kw),
-        stop_trace=lambda: llm.collective_rpc(measure.profiler_stop)[0],
-        read_spans=_spans,
-    )  # fmt: skip
-
     config = llm.llm_engine.vllm_config
-    stats = None
-    if system.ours:
-        from async_executor import pipeline_stats
-
-        stats = pipeline_stats(llm).as_dict()
+    poller = measure.NvmlPoller() if on_gpu else None
     card = poller.card() if poller is not None else _cpu_name()
-    record = base_record(system, spec, measured, card) | {
-        "vllm_version": vllm.__version__,
-        "startup_s": startup_s,
-        "async_scheduling": bool(config.scheduler_config.async_scheduling),
-        "model_runner": "v2" if config.use_v2_model_runner else "v1",
-        "settings": system.settings,
-        "pipeline_stats": stats,
-        "timeline": measured.timeline(spec["gen_len"]),
-    }
+    records = []
+    stats_before = _pipeline_stats(llm, system)
+    for batch, prompt_len, gen_len in workloads:
+        workload = {**spec, "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}
+        prompts: list[Any] = [{"prompt_token_ids": p} for p in make_prompts(
+            batch, prompt_len, spec["vocab_size"])]  # fmt: skip
+        params = SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True)
+        llm.generate(prompts[: min(len(prompts), 8)],
+                     SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                     use_tqdm=False)  # fmt: skip
+
+        def generate(prompts: list[Any] = prompts, params: Any = params) -> list[list[int]]:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            return [list(o.outputs[0].token_ids) for o in outputs]
+
+        measured = measure_runs(
+            generate, workload, poller,
+            start_trace=lambda **kw: llm.collective_rpc(measure.profiler_start, kwargs=kw),
+            stop_trace=lambda: llm.collective_rpc(measure.profiler_stop)[0],
+            read_spans=_spans,
+        )  # fmt: skip
+        stats_after = _pipeline_stats(llm, system)
+        records.append(
+            base_record(system, workload, measured, card)
+            | {
+                "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len,
+                "vllm_version": vllm.__version__,
+                "startup_s": startup_s,
+                "async_scheduling": bool(config.scheduler_config.async_scheduling),
+                "model_runner": "v2" if config.use_v2_model_runner else "v1",
+                "attention_backend": spec.get("attention_backend"),
+                "settings": system.settings,
+                # This workload's share of the counters (its timed and traced calls).
+                "pipeline_stats": _stats_delta(stats_before, stats_after),
+                "timeline": measured.timeline(gen_len),
+            }
+        )  # fmt: skip
+        stats_before = stats_after
     llm.llm_engine.engine_core.shutdown()
-    return record
+    return records
+
+
+def _pipeline_stats(llm: Any, system: System) -> dict[str, Any] | None:
+    if not system.ours:
+        return None
+    from async_executor import pipeline_stats
+
+    return pipeline_stats(llm).as_dict()
+
+
+def _stats_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> Any:
+    if before is None or after is None:
+        return after
+    delta: dict[str, Any] = {}
+    for key, value in after.items():
+        if key == "max_in_flight":
+            delta[key] = value
+        elif isinstance(value, dict):
+            delta[key] = {k: v - before[key].get(k, 0) for k, v in value.items()
+                          if v - before[key].get(k, 0)}  # fmt: skip
+        else:
+            delta[key] = value - before[key]
+    return delta
 
 
 def _spans(lo: int, hi: int) -> list[Any]:
@@ -392,17 +440,22 @@ def _cpu_name() -> str:
 def main() -> int:
     spec = json.loads(Path(sys.argv[1]).read_text())
     system = parse_system(spec["system"])
-    record: dict[str, Any] = {k: spec[k] for k in ("run_id", "shape", "batch", "tp",
-                                                   "prompt_len", "gen_len")}  # fmt: skip
-    try:
-        result = run_hf(spec, system) if system.kind == "hf" else run_vllm(spec, system)
-        record.update(result)
-    except Exception as exc:  # recorded, the orchestrator goes on with the others
-        if system.kind != "hf":
-            raise
-        record.update(system=system.name, skipped=f"{type(exc).__name__}: {exc}")
-    record["command"] = spec.get("command")
-    Path(sys.argv[2]).write_text(json.dumps(record))
+    common = {k: spec[k] for k in ("run_id", "shape", "tp")}
+    records: list[dict[str, Any]] = []
+    if system.kind == "hf":
+        for batch, prompt_len, gen_len in spec["workloads"]:
+            workload = {**spec, "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}
+            record = {**common, "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}
+            try:
+                record.update(run_hf(workload, system))
+            except Exception as exc:  # recorded, the orchestrator goes on with the others
+                record.update(system=system.name, skipped=f"{type(exc).__name__}: {exc}")
+            records.append(record)
+    else:
+        records = [{**common, **r} for r in run_vllm(spec, system)]
+    for record in records:
+        record["command"] = spec.get("command")
+    Path(sys.argv[2]).write_text(json.dumps(records))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -12,8 +13,17 @@ import pytest
 from async_executor.pipeline.counters import PipelineCounters, PipelineStats
 from async_executor.pipeline.in_flight import InFlightTracker
 from async_executor.pipeline.stage import DeviceStage
-from async_executor.pipeline.window import DecodeState, uniform_window
+from async_executor.pipeline.window import (
+    DecodeBatch,
+    StepClock,
+    WindowBounds,
+    choose_window,
+    latency_cap,
+)
 from async_executor.settings import PipelineSettings, SettingsError
+
+if TYPE_CHECKING:
+    from vllm.v1.core.sched.output import SchedulerOutput
 
 # -- settings -------------------------------------------------------------
 
@@ -55,44 +65,76 @@ def test_bad_env_value_names_the_variable() -> None:
 # -- window policy --------------------------------------------------------
 
 
-def _state(out: int = 5, max_tokens: int = 100, computed: int = 20, pending: int = 1,
-           host: bool = False) -> DecodeState:  # fmt: skip
-    return DecodeState(out, max_tokens, computed, pending, host)
+def _batch(remaining: list[int], computed: list[int], single: bool = False) -> DecodeBatch:
+    return DecodeBatch(np.array(remaining), np.array(computed), single)
 
 
-def _window(states: list[DecodeState], **kw: int) -> int:
-    args = dict(max_window=8, num_waiting=0, max_model_len=512, token_budget=8192)
+def _window(batch: DecodeBatch, **kw: int | None) -> int:
+    args: dict[str, int | None] = dict(
+        max_window=8, max_model_len=512, token_budget=8192, block_size=16, free_blocks=10_000
+    )
     args.update(kw)
-    return uniform_window(states, **args)
+    return choose_window(batch, WindowBounds(**args))  # type: ignore[arg-type]
 
 
 def test_window_opens_for_steady_decode() -> None:
-    assert _window([_state(), _state(out=9)]) == 8
+    assert _window(_batch([95, 90], [20, 30])) == 8
 
 
 @pytest.mark.parametrize(
-    "states,kw,expected",
+    "batch,kw,expected",
     [
-        ([_state()], {"max_window": 1}, 1),  # windows off
-        ([_state()], {"num_waiting": 1}, 1),  # a request waits to be admitted
-        ([_state(), _state(pending=40)], {}, 1),  # a prompt is being prefilled
-        ([_state(), _state(host=True)], {}, 1),  # structured output in the batch
-        ([_state(out=95)], {}, 5),  # capped by max_tokens
-        ([_state(computed=508)], {}, 3),  # capped by max_model_len
-        ([_state()] * 100, {"token_budget": 300}, 3),  # capped by the token budget
-        ([_state(out=99)], {}, 1),  # one token left
-        ([], {}, 1),
+        (_batch([95], [20]), {"max_window": 1}, 1),  # windows off
+        (_batch([95, 95], [20, 20], single=True), {}, 1),  # prefill or structured output
+        (_batch([5, 90], [20, 20]), {}, 5),  # capped by max_tokens
+        (_batch([95], [508]), {}, 3),  # capped by max_model_len
+        (_batch([95] * 100, [20] * 100), {"token_budget": 300}, 3),  # by the token budget
+        (_batch([1], [20]), {}, 1),  # one token left
+        (_batch([95], [20]), {"latency_cap": 3}, 3),  # the latency settings
+        (_batch([], []), {}, 1),
     ],
 )
-def test_window_closes_or_shrinks(
-    states: list[DecodeState], kw: dict[str, int], expected: int
-) -> None:
-    assert _window(states, **kw) == expected
+def test_window_closes_or_shrinks(batch: DecodeBatch, kw: dict[str, int], expected: int) -> None:
+    assert _window(batch, **kw) == expected
 
 
-def test_exhausted_means_all_tokens_in_flight() -> None:
-    assert _state(out=100, max_tokens=100).exhausted
-    assert not _state(out=99, max_tokens=100).exhausted
+def test_window_never_needs_more_kv_blocks_than_are_free() -> None:
+    # Block size 16. Request a holds 2 blocks (32 tokens), b holds 1 (10).
+    batch = _batch([95, 95], [32, 10])
+    # w=8: a needs 1 new block (40 tokens), b none (18 -> 2 blocks: 1 new).
+    assert _window(batch, free_blocks=2) == 8
+    # One free block: a's next token needs it (w=1 would too), b's window
+    # must stay within its block: 10 + w <= 16.
+    assert _window(batch, free_blocks=1) == 6
+    # Nothing free: one-token steps, which vLLM would run (and preempt for).
+    assert _window(batch, free_blocks=0) == 1
+
+
+def test_latency_cap_from_step_time() -> None:
+    def cap(step: float | None, *, arrivals: bool = False, gap: float = 50.0,
+            admit: float = 20.0, depth: int = 2) -> int | None:  # fmt: skip
+        return latency_cap(step_ms=step, depth=depth, max_token_gap_ms=gap,
+                           max_admission_delay_ms=admit, arrivals_recent=arrivals)  # fmt: skip
+
+    assert cap(None) is None  # no measurement yet
+    assert cap(5.0) == 10  # 50 ms gap / 5 ms steps
+    assert cap(5.0, arrivals=True) == 3  # 1 + 20 ms / (2 x 5 ms)
+    assert cap(5.0, arrivals=True, depth=3) == 2
+    assert cap(5.0, gap=0.0) is None and cap(5.0, gap=0.0, admit=0.0, arrivals=True) is None
+    assert cap(80.0) == 1  # a step longer than the allowed gap
+
+
+def test_step_clock_averages_intervals_per_device_step() -> None:
+    clock = StepClock(alpha=0.5, idle_after_s=1.0)
+    ms = 1_000_000
+    clock.observe(0, 1)
+    assert clock.step_ms is None
+    clock.observe(8 * ms, 4)  # a window of 4 in 8 ms: 2 ms a step
+    assert clock.step_ms == pytest.approx(2.0)
+    clock.observe(12 * ms, 1)  # 4 ms
+    assert clock.step_ms == pytest.approx(3.0)
+    clock.observe(5_000 * ms, 1)  # after an idle engine: not a step time
+    assert clock.step_ms == pytest.approx(3.0)
 
 
 # -- device stage ---------------------------------------------------------
@@ -144,23 +186,19 @@ def test_stage_run_waits_behind_in_flight_jobs() -> None:
 # -- in-flight bookkeeping ------------------------------------------------
 
 
-def test_tracker_counts_overlap_and_carry_over() -> None:
+def test_tracker_counts_overlap_and_window_sizes() -> None:
     counters = PipelineCounters()
     tracker = InFlightTracker(counters)
-    # N: a and b prefill their last chunk and sample; c is mid-prompt.
-    n = tracker.launch(decode_inputs=[], samplers=["a", "b"], device_steps=1,
-                       carried_within=0)  # fmt: skip
-    # N+1 launched before N resolved: a's and b's inputs are N's samples.
-    n1 = tracker.launch(decode_inputs=["a", "b"], samplers=["a", "b"], device_steps=4,
-                        carried_within=6)  # fmt: skip
+    n = tracker.launch(device_steps=1)
+    # N+1 launched before N resolved: the overlap.
+    n1 = tracker.launch(device_steps=4)
     tracker.resolve(n)
     tracker.resolve(n1)
-    # N+2 launched after everything resolved: nothing carried, no overlap.
-    tracker.launch(decode_inputs=["a"], samplers=["a"], device_steps=1, carried_within=0)
+    # N+2 launched after everything resolved: no overlap.
+    tracker.launch(device_steps=1)
     s = counters.snapshot()
     assert s.batches_launched == 3
     assert s.launched_before_predecessor_resolved == 1
-    assert s.carry_over_tokens == 2 + 6
     assert s.device_steps == 6 and s.windowed_batches == 1
     assert s.max_in_flight == 2
     assert s.window_sizes == {1: 2, 4: 1}
@@ -179,22 +217,29 @@ def test_stats_merge() -> None:
 # -- decode window split and merge (vLLM's data classes, no engine) ----------
 
 
-def _scheduled(windows: dict[str, int]):  # type: ignore[no-untyped-def]
+def _scheduled(windows: dict[str, int]) -> SchedulerOutput:
     from tests.conftest import make_scheduled
 
     return make_scheduled(windows, finished={"gone"}, new_blocks=True)
 
 
-def test_plan_window_splits_into_one_token_steps() -> None:
-    from async_executor.vllm_glue.substeps import plan_window
+def test_window_steps_are_one_token_steps() -> None:
+    from vllm.v1.core.sched.output import SchedulerOutput
 
-    plan = plan_window(_scheduled({"a": 3, "b": 3}))
-    assert plan.num_steps == 3 and plan.carried_tokens == 4
-    first, *rest = plan.steps
+    from async_executor.vllm_glue.window_steps import first_step, later_steps, window_of
+
+    scheduled = _scheduled({"a": 3, "b": 3})
+    assert window_of(scheduled) == 3
+    first = first_step(scheduled)
+    assert type(first) is SchedulerOutput and window_of(first) == 1
     assert first.num_scheduled_tokens == {"a": 1, "b": 1}
     assert first.total_num_scheduled_tokens == 2
-    assert first.scheduled_spec_decode_tokens == {}
     assert first.finished_req_ids == {"gone"}  # step 0 carries the batch's news
+    assert first.scheduled_cached_reqs.new_block_ids == [([7],), ([7],)]
+    # The scheduled step itself is untouched: the scheduler reads it back.
+    assert scheduled.num_scheduled_tokens == {"a": 3, "b": 3}
+    rest = later_steps(scheduled, 3)
+    assert len(rest) == 2
     for k, step in enumerate(rest, start=1):
         cached = step.scheduled_cached_reqs
         assert cached.req_ids == ["a", "b"]
@@ -204,18 +249,19 @@ def test_plan_window_splits_into_one_token_steps() -> None:
         assert step.finished_req_ids == set() and step.scheduled_new_reqs == []
 
 
-def test_plan_without_window_is_the_scheduled_step_itself() -> None:
-    from async_executor.vllm_glue.substeps import plan_window
+def test_a_window_holds_only_running_requests() -> None:
+    from async_executor.vllm_glue.window_steps import later_steps
 
-    scheduled = _scheduled({"a": 1})
-    plan = plan_window(scheduled)
-    assert plan.steps == [scheduled] and plan.num_steps == 1
+    scheduled = _scheduled({"a": 2})
+    scheduled.num_scheduled_tokens["new"] = 2
+    with pytest.raises(RuntimeError, match="1 new request"):
+        later_steps(scheduled, 2)
 
 
 def test_merge_concatenates_tokens_and_logprobs_per_request() -> None:
     from vllm.v1.outputs import LogprobsLists, ModelRunnerOutput
 
-    from async_executor.vllm_glue.substeps import merge_outputs
+    from async_executor.vllm_glue.window_steps import merge_outputs
 
     def out(order: list[str], tokens: list[int], width: int) -> ModelRunnerOutput:
         n = len(order)
@@ -258,7 +304,7 @@ def test_window_update_equals_per_token_update(seed: int) -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.request import Request
 
-    from async_executor.vllm_glue.scheduler import _WindowUpdate
+    from async_executor.vllm_glue.scheduler import window_update
 
     rng = random.Random(seed)
     prompt = [rng.randrange(5, 50) for _ in range(rng.randint(1, 20))]
@@ -281,7 +327,7 @@ def test_window_update_equals_per_token_update(seed: int) -> None:
         made.append(request)
     window = [rng.randrange(5, 50) for _ in range(rng.randint(2, 16))]
     base_tokens, base_stop = Scheduler._update_request_with_output(fake, made[0], list(window))
-    fast_tokens, fast_stop = _WindowUpdate._update_request_with_output(fake, made[1], list(window))
+    fast_tokens, fast_stop = window_update(made[1], list(window), fake.max_model_len)
     assert (fast_tokens, fast_stop) == (base_tokens, base_stop)
     assert list(made[1].output_token_ids) == list(made[0].output_token_ids)
     assert made[1].status == made[0].status

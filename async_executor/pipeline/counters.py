@@ -29,6 +29,9 @@ class PipelineStats:
     device_steps: int = 0
     # Batches that ran a decode window of more than one step.
     windowed_batches: int = 0
+    # Windows whose steps after the first were advanced on the device alone
+    # (no host input preparation); the others ran host-prepared steps.
+    device_windows: int = 0
     # Tokens computed on the device and never delivered: the extra token of a
     # request that finished in an earlier in-flight batch, and the tail of a
     # decode window after a stop.
@@ -77,13 +80,12 @@ class PipelineCounters:
             for name, delta in deltas.items():
                 setattr(self._stats, name, getattr(self._stats, name) + delta)
 
-    def launched(self, *, ahead: bool, carried: int, device_steps: int, in_flight: int) -> None:
+    def launched(self, *, ahead: bool, device_steps: int, in_flight: int) -> None:
         """One batch launched: every launch-time counter under one lock."""
         with self._lock:
             s = self._stats
             s.batches_launched += 1
             s.launched_before_predecessor_resolved += ahead
-            s.carry_over_tokens += carried
             s.device_steps += device_steps
             s.windowed_batches += device_steps > 1
             s.window_sizes[device_steps] = s.window_sizes.get(device_steps, 0) + 1

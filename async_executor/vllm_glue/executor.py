@@ -6,14 +6,15 @@ Where each stage runs:
                   -> wait for N's sampled ids -> update_from_output(N) -> ...
   device stage    N: device step 0 [, 1 .. w-1]   N+1: device step 0 ...
 
-`execute_model` and `sample_tokens` only plan the batch and hand its device
-steps to the device stage; they return futures at once, so the engine
-schedules batch N+2 while N+1 computes. The engine blocks only when it needs
-the oldest batch's sampled ids (`ResolvingFuture.result`). Each device step is
-one call of vLLM's worker (`execute_model` + `sample_tokens`), whose
-async-scheduling path reconciles carry-over tokens on the device: the input
-ids of requests that the previous step is still sampling are gathered from
-its device output.
+`execute_model` and `sample_tokens` only hand the batch to the device stage;
+they return futures at once, so the engine schedules batch N+2 while N+1
+computes. The engine blocks only when it needs the oldest batch's sampled ids
+(`ResolvingFuture.result`). A one-step batch is vLLM's own pair of worker
+calls (`execute_model` + `sample_tokens`), whose async-scheduling path
+reconciles carry-over tokens on the device: the input ids of requests that
+the previous batch is still sampling are gathered from its device output. A
+decode window is one worker call for all its steps
+(`window_worker.run_window`), which returns one output.
 
 Two device stages, one pipeline (`_Pipeline`):
 - `AsyncExecutor`: the worker in the engine process, its steps on a
@@ -21,7 +22,7 @@ Two device stages, one pipeline (`_Pipeline`):
   on CUDA launches return before the device finishes);
 - `AsyncMultiprocExecutor`: the worker in its own process (`"process"`),
   reached through vLLM's multiprocess executor; its message queue keeps the
-  steps in order, and the engine and the runner no longer share a GIL.
+  calls in order, and the engine and the runner no longer share a GIL.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,7 +39,6 @@ import vllm.envs as envs
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 from vllm.v1.executor.uniproc_executor import UniProcExecutor
-from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 
 from async_executor.pipeline.counters import counters_for, release_counters
 from async_executor.pipeline.in_flight import InFlightBatch, InFlightTracker
@@ -47,10 +46,14 @@ from async_executor.pipeline.stage import DeviceStage
 from async_executor.settings import PipelineSettings
 from async_executor.vllm_glue.cpu_runner import install_cpu_runner_fixes
 from async_executor.vllm_glue.engine_config import apply_pipeline_config, resolve_stage
-from async_executor.vllm_glue.substeps import WindowPlan, merge_outputs, plan_window
+from async_executor.vllm_glue.window_steps import ran_on_device, window_of
+from async_executor.vllm_glue.window_worker import run_window, to_host
 
 # collective_rpc method name answered by the executor itself.
 STATS_RPC = "async_executor_stats"
+
+# A worker call: a worker method's name, or a function of (worker, arg).
+WorkerCall = str | Callable[[Any, Any], Any]
 
 
 class ResolvingFuture(Future[Any]):
@@ -73,25 +76,17 @@ class ResolvingFuture(Future[Any]):
         return super().result(timeout)
 
 
-def _to_host(output: Any) -> Any:
-    """Wait for a device step's sampled ids to reach the host."""
-    if isinstance(output, AsyncModelRunnerOutput):
-        return output.get_output()
-    return output
-
-
-@dataclass(slots=True)
-class _ExecutedBatch:
-    plan: WindowPlan
-    in_flight: InFlightBatch | None
+def _done(value: Any) -> Future[Any]:
+    future: Future[Any] = Future()
+    future.set_result(value)
+    return future
 
 
 class _Pipeline:
     """The pipeline over a device stage that runs worker calls in order.
 
-    Subclasses provide `_submit(method, arg) -> Future` (a worker call on the
-    device stage; the future's value may still be an AsyncModelRunnerOutput)
-    and `_control(...)` for other collective calls.
+    Subclasses provide `_submit(call, arg) -> Future` (a worker call on the
+    device stage; the future's value may still be an AsyncModelRunnerOutput).
     """
 
     vllm_config: Any
@@ -100,13 +95,10 @@ class _Pipeline:
     def _init_pipeline(self) -> None:
         self.counters = counters_for(self.vllm_config)
         self.tracker = InFlightTracker(self.counters)
-        # Tokens known on the host per request (prompt, or all tokens when the
-        # scheduler resends them on resumption); used to tell decode inputs
-        # from prompt inputs for the carry-over count.
-        self._known_len: dict[str, int] = {}
-        self._executed: _ExecutedBatch | None = None
+        # The batch launched by execute_model whose sampling is next.
+        self._launched: tuple[Future[Any] | None, InFlightBatch | None] | None = None
 
-    def _submit(self, method: str, arg: Any) -> Future[Any]:
+    def _submit(self, call: WorkerCall, arg: Any) -> Future[Any]:
         raise NotImplementedError
 
     @property
@@ -118,94 +110,68 @@ class _Pipeline:
     def execute_model(  # type: ignore[override]
         self, scheduler_output: SchedulerOutput, non_block: bool = False
     ) -> Any:
-        plan = plan_window(scheduler_output)
-        in_flight = self._record_launch(scheduler_output, plan)
-        self._executed = _ExecutedBatch(plan, in_flight)
-        job = self._submit("execute_model", plan.steps[0])
-
-        def resolve() -> Any:
-            output = _to_host(job.result())
-            if output is not None and in_flight is not None:
-                # No sampling step follows (pooling, nothing to sample).
-                self.tracker.resolve(in_flight)
-            return output
-
-        future = ResolvingFuture(resolve)
+        window = window_of(scheduler_output)
+        in_flight = None
+        if scheduler_output.total_num_scheduled_tokens:
+            in_flight = self.tracker.launch(device_steps=window)
+        if window > 1:
+            # The whole window in one worker call; sample_tokens hands out
+            # its output (a window never has a grammar to apply).
+            job = self._submit(run_window, scheduler_output)
+            self._launched = (job, in_flight)
+            future: Future[Any] = _done(None)
+        else:
+            job = self._submit("execute_model", scheduler_output)
+            self._launched = (None, in_flight)
+            future = ResolvingFuture(functools.partial(self._resolve_execute, job, in_flight))
         if not non_block:
             return future.result()
         if job.done() and job.exception() is not None:
             # Surface launch errors at once, as vLLM's uniproc executor does.
-            future.result()
+            job.result()
         return future
+
+    def _resolve_execute(self, job: Future[Any], in_flight: InFlightBatch | None) -> Any:
+        output = to_host(job.result())
+        if output is not None and in_flight is not None:
+            # No sampling step follows (pooling, nothing to sample).
+            self.tracker.resolve(in_flight)
+        return output
 
     def sample_tokens(  # type: ignore[override]
         self, grammar_output: GrammarOutput | None, non_block: bool = False
     ) -> Any:
-        executed, self._executed = self._executed, None
-        if executed is None:
+        launched, self._launched = self._launched, None
+        if launched is None:
             raise RuntimeError("sample_tokens called without a preceding execute_model")
-        if grammar_output is not None and self._copies_grammar:
-            # Hazard: the bitmask is a view of the structured-output manager's
-            # reusable buffer, which the engine thread refills for the next
-            # batch while this one still waits on the device stage.
-            grammar_output = dataclasses.replace(
-                grammar_output, grammar_bitmask=grammar_output.grammar_bitmask.copy()
-            )
-        # Device step 0 was launched by execute_model; sample it, then run the
-        # rest of the window. Step k's inputs are step k-1's sampled ids,
-        # filled in on the device by the runner: no host round trip here.
-        jobs = [self._submit("sample_tokens", grammar_output)]
-        samples = [jobs[0]]
-        for step in executed.plan.steps[1:]:
-            jobs.append(self._submit("execute_model", step))
-            samples.append(self._submit("sample_tokens", None))
-            jobs.append(samples[-1])
-
-        def resolve() -> ModelRunnerOutput:
-            for job in jobs:  # in order: a failed step raises here
-                job.result()
-            output = merge_outputs([_to_host(s.result()) for s in samples])
-            if executed.in_flight is not None:
-                self.tracker.resolve(executed.in_flight)
-            return output
-
-        future = ResolvingFuture(resolve)
+        job, in_flight = launched
+        if job is not None:
+            if grammar_output is not None:
+                raise RuntimeError("a decode window was given a grammar bitmask")
+        else:
+            if grammar_output is not None and self._copies_grammar:
+                # Hazard: the bitmask is a view of the structured-output
+                # manager's reusable buffer, which the engine thread refills
+                # for the next batch while this one still waits on the stage.
+                grammar_output = dataclasses.replace(
+                    grammar_output, grammar_bitmask=grammar_output.grammar_bitmask.copy()
+                )
+            job = self._submit("sample_tokens", grammar_output)
+        future = ResolvingFuture(functools.partial(self._resolve_sample, job, in_flight))
         return future if non_block else future.result()
 
-    def _record_launch(
-        self, scheduler_output: SchedulerOutput, plan: WindowPlan
-    ) -> InFlightBatch | None:
-        known = self._known_len
-        for req_id in scheduler_output.finished_req_ids:
-            known.pop(req_id, None)
-        if scheduler_output.total_num_scheduled_tokens == 0:
-            return None
-        starts: dict[str, int] = {}
-        for new in scheduler_output.scheduled_new_reqs:
-            known[new.req_id] = new.prompt_len
-            starts[new.req_id] = new.num_computed_tokens
-        cached = scheduler_output.scheduled_cached_reqs
-        for req_id, tokens in cached.all_token_ids.items():
-            known[req_id] = len(tokens)
-        starts.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
-        scheduled = scheduler_output.num_scheduled_tokens
-        decode_inputs = [r for r, c in starts.items() if c >= known.get(r, 0)]
-        samplers = [r for r, c in starts.items() if c + scheduled[r] >= known.get(r, 0)]
-        return self.tracker.launch(
-            decode_inputs=decode_inputs,
-            samplers=samplers,
-            device_steps=plan.num_steps,
-            carried_within=plan.carried_tokens,
-        )
+    def _resolve_sample(self, job: Future[Any], in_flight: InFlightBatch | None) -> Any:
+        output = to_host(job.result())
+        if in_flight is not None:
+            self.tracker.resolve(in_flight)
+            if in_flight.device_steps > 1 and ran_on_device(output):
+                self.counters.add(device_windows=1)
+        return output
 
     def _stats_reply(self, single_value: bool, non_block: bool) -> Any:
         stats = self.counters.snapshot().as_dict()
         result = stats if single_value else [stats]
-        if non_block:
-            done: Future[Any] = Future()
-            done.set_result(result)
-            return done
-        return result
+        return _done(result) if non_block else result
 
     def _release_pipeline(self) -> None:
         if getattr(self, "tracker", None) is not None:
@@ -244,8 +210,11 @@ class AsyncExecutor(_Pipeline, UniProcExecutor):
         self.stage = DeviceStage(stage == "thread", initializer=initializer)
         self._init_pipeline()
 
-    def _submit(self, method: str, arg: Any) -> Future[Any]:
-        return self.stage.submit(getattr(self.driver_worker, method), arg)
+    def _submit(self, call: WorkerCall, arg: Any) -> Future[Any]:
+        worker = self.driver_worker
+        if isinstance(call, str):
+            return self.stage.submit(getattr(worker, call), arg)
+        return self.stage.submit(call, worker, arg)
 
     @property
     def _copies_grammar(self) -> bool:
@@ -296,10 +265,10 @@ class AsyncMultiprocExecutor(_Pipeline, MultiprocExecutor):
         MultiprocExecutor.collective_rpc(self, _install_fixes_in_worker)
         self._init_pipeline()
 
-    def _submit(self, method: str, arg: Any) -> Future[Any]:
+    def _submit(self, call: WorkerCall, arg: Any) -> Future[Any]:
         return MultiprocExecutor.collective_rpc(
             self,
-            method,
+            call,
             args=(arg,),
             unique_reply_rank=self.output_rank,
             non_block=True,

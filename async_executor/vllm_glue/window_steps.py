@@ -1,78 +1,93 @@
-"""Split a windowed scheduled step into device steps, and merge their outputs.
+"""A decode window as vLLM data: the scheduled step that carries it, the
+one-token device steps it is run as, and the one output it returns.
 
-The scheduler marks a decode window of w tokens the way vLLM marks draft
-tokens: the request is scheduled for w tokens with w-1 placeholder drafts in
-`scheduled_spec_decode_tokens`. Nothing here verifies drafts. The window is
-run as w ordinary one-token decode steps of vLLM's own model runner:
+The scheduler hands the executor a `WindowedSchedulerOutput`: a vLLM
+`SchedulerOutput` whose every scheduled request decodes `window` tokens, one
+per device step. Its `num_scheduled_tokens` counts all `window` tokens of each
+request (vLLM's own accounting: KV slots, computed tokens, tokens in flight);
+its `scheduled_spec_decode_tokens` holds no window, so a window is never taken
+for speculative drafts and vLLM's draft accounting never sees one.
 
-- step 0 is the scheduled step itself with every window cut to one token
-  (new requests, finished requests, new KV blocks for the whole window);
-- step k (k >= 1) holds the requests whose window is longer than k, one token
-  each, at num_computed_tokens + k. Their input token is the one step k-1
-  sampled: the runner's async-scheduling carry-over fills it in on the device.
-
-The k outputs are merged into one ModelRunnerOutput with up to w tokens per
-request. The scheduler's draft accounting then accepts all of them, stops at
-a stop token or max_tokens inside the window, and drops the rest.
+vLLM's model runners know only one-token decode steps, so the worker runs a
+window as:
+- step 0: the scheduled step itself with every request cut to one token
+  (`first_step`): new and finished requests, the window's KV blocks;
+- steps 1..w-1: the same requests, one token each, at num_computed_tokens + k;
+  each step's input token is the one step k-1 sampled, filled in on the device.
+The device-resident path (`device_window.py`) advances steps 1..w-1 on the
+device alone; the host path builds them as vLLM data (`later_steps`) for any
+runner. Either way the window's w outputs become one (`merge_outputs`).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
 from vllm.v1.outputs import LogprobsLists, ModelRunnerOutput
 
 
-@dataclass(slots=True)
-class WindowPlan:
-    """The device steps of one scheduled step."""
+@dataclass
+class WindowedSchedulerOutput(SchedulerOutput):
+    """A scheduled step that is a decode window of `window` device steps.
 
-    steps: list[SchedulerOutput]
-    # req_id -> window length, only for requests decoding more than 1 token.
-    windows: dict[str, int] = field(default_factory=dict)
+    Invariant: every scheduled request is a running request in steady decode
+    scheduled for exactly `window` tokens (the runner's persistent batch must
+    hold the same requests in every device step of the window).
+    """
 
-    @property
-    def num_steps(self) -> int:
-        return len(self.steps)
-
-    @property
-    def carried_tokens(self) -> int:
-        """Inputs of steps 1.. that are the previous step's sampled token."""
-        return sum(w - 1 for w in self.windows.values())
+    window: int = 1
 
 
-def plan_window(scheduled: SchedulerOutput) -> WindowPlan:
-    drafts = scheduled.scheduled_spec_decode_tokens
-    if not drafts:
-        return WindowPlan([scheduled])
+def mark_window(scheduled: SchedulerOutput, window: int) -> None:
+    """Make the scheduler's own output object a window, in place (the engine
+    passes this object on to the executor and back to the scheduler)."""
+    scheduled.__class__ = WindowedSchedulerOutput
+    scheduled.window = window  # type: ignore[attr-defined]
 
-    windows = {req_id: len(tokens) + 1 for req_id, tokens in drafts.items()}
-    first = copy.copy(scheduled)
-    first.num_scheduled_tokens = {
-        req_id: n - windows.get(req_id, 1) + 1
-        for req_id, n in scheduled.num_scheduled_tokens.items()
-    }
-    first.total_num_scheduled_tokens = sum(first.num_scheduled_tokens.values())
-    first.scheduled_spec_decode_tokens = {}
 
+def window_of(scheduled: SchedulerOutput) -> int:
+    return scheduled.window if isinstance(scheduled, WindowedSchedulerOutput) else 1
+
+
+# Set on a window's output when its later steps ran on the device; the
+# attribute travels with the output from a worker process.
+DEVICE_WINDOW_MARK = "async_executor_device_window"
+
+
+def ran_on_device(output: Any) -> bool:
+    return bool(getattr(output, DEVICE_WINDOW_MARK, False))
+
+
+def first_step(scheduled: SchedulerOutput) -> SchedulerOutput:
+    """Device step 0 of a window: the scheduled step with one token per
+    request. A plain `SchedulerOutput` (the runner must not see a window)."""
+    first = SchedulerOutput.__new__(SchedulerOutput)
+    first.__dict__.update(scheduled.__dict__)
+    first.__dict__.pop("window", None)
+    first.num_scheduled_tokens = dict.fromkeys(scheduled.num_scheduled_tokens, 1)
+    first.total_num_scheduled_tokens = len(first.num_scheduled_tokens)
+    return first
+
+
+def later_steps(scheduled: SchedulerOutput, window: int) -> list[SchedulerOutput]:
+    """Device steps 1..window-1 as vLLM data, for runners without a
+    device-resident window: the same requests, in the persistent batch's
+    order, one token each, no news (requests, blocks) beyond step 0's."""
     cached = scheduled.scheduled_cached_reqs
-    position = {req_id: i for i, req_id in enumerate(cached.req_ids)}
-    missing = [req_id for req_id in windows if req_id not in position]
-    if missing:
+    ids = list(cached.req_ids)
+    if len(ids) != len(scheduled.num_scheduled_tokens):
         raise RuntimeError(
-            f"decode window for request(s) {missing} that are not running; "
-            "windows are only opened for requests in steady decode"
+            "a decode window holds only running requests; "
+            f"{len(scheduled.num_scheduled_tokens) - len(ids)} new request(s) were scheduled in it"
         )
-
-    # Keep the persistent batch's order: iterate the cached requests, not
-    # the window dict.
-    windowed = [req_id for req_id in cached.req_ids if req_id in windows]
-    steps = [first]
-    for k in range(1, max(windows.values())):
-        ids = [req_id for req_id in windowed if windows[req_id] > k]
+    computed = np.asarray(cached.num_computed_tokens)
+    outputs = np.asarray(cached.num_output_tokens)
+    steps = []
+    for k in range(1, window):
         steps.append(
             SchedulerOutput(
                 scheduled_new_reqs=[],
@@ -82,8 +97,8 @@ def plan_window(scheduled: SchedulerOutput) -> WindowPlan:
                     new_token_ids=[],
                     all_token_ids={},
                     new_block_ids=[None] * len(ids),
-                    num_computed_tokens=[cached.num_computed_tokens[position[r]] + k for r in ids],
-                    num_output_tokens=[cached.num_output_tokens[position[r]] + k for r in ids],
+                    num_computed_tokens=(computed + k).tolist(),
+                    num_output_tokens=(outputs + k).tolist(),
                 ),
                 num_scheduled_tokens=dict.fromkeys(ids, 1),
                 total_num_scheduled_tokens=len(ids),
@@ -91,16 +106,13 @@ def plan_window(scheduled: SchedulerOutput) -> WindowPlan:
                 scheduled_encoder_inputs={},
                 finished_req_ids=set(),
                 free_encoder_mm_hashes=[],
-                # A subset of requests shares at least the prefix they all
-                # shared, so the full batch's count stays valid.
-                num_common_prefix_blocks=scheduled.num_common_prefix_blocks,
             )
         )
-    return WindowPlan(steps, windows)
+    return steps
 
 
 def merge_outputs(outputs: list[ModelRunnerOutput]) -> ModelRunnerOutput:
-    """One output for the scheduled step: each request's tokens in order."""
+    """One output for the window: each request's tokens in step order."""
     if len(outputs) == 1:
         return outputs[0]
     first = outputs[0]
