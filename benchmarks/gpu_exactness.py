@@ -71,7 +71,14 @@ def _engine(model: str, settings: dict[str, Any] | None, args: argparse.Namespac
         attention_config={"backend": args.attention_backend}, disable_log_stats=False,
     )  # fmt: skip
     if not args.compile:
-        kwargs["compilation_config"] = {"mode": 0}
+        from vllm.config.compilation import CompilationMode, CUDAGraphMode
+
+        # FULL graphs for decode (what device-resident windows replay)
+        # without torch.compile's minute of start-up.
+        kwargs["compilation_config"] = {
+            "mode": CompilationMode.NONE,
+            "cudagraph_mode": CUDAGraphMode.FULL_DECODE_ONLY,
+        }
     if settings is None:
         kwargs["async_scheduling"] = False
     else:

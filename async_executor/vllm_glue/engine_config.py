@@ -16,9 +16,15 @@ from async_executor.settings import PipelineSettings
 
 logger = logging.getLogger(__name__)
 
-WINDOW_SCHEDULER = "async_executor.vllm_glue.scheduler.WindowScheduler"
-SYNC_WINDOW_SCHEDULER = "async_executor.vllm_glue.scheduler.SyncWindowScheduler"
-_OUR_SCHEDULERS = (WINDOW_SCHEDULER, SYNC_WINDOW_SCHEDULER)
+# Our schedulers by (overlap, decode windows). Without windows the per-token
+# output update is vLLM's own, with nothing of ours in its per-request loop.
+_SCHEDULERS = {
+    (True, True): "async_executor.vllm_glue.scheduler.WindowScheduler",
+    (False, True): "async_executor.vllm_glue.scheduler.SyncWindowScheduler",
+    (True, False): "async_executor.vllm_glue.scheduler.StepScheduler",
+    (False, False): "async_executor.vllm_glue.scheduler.SyncStepScheduler",
+}
+_OUR_SCHEDULERS = tuple(_SCHEDULERS.values())
 
 # vLLM's scheduler classes we may replace with our subclass of the same one.
 _STOCK_SCHEDULERS = (
@@ -63,9 +69,7 @@ def apply_pipeline_config(vllm_config: Any, settings: PipelineSettings) -> None:
 
     chosen = scheduler_config.scheduler_cls
     if chosen in _STOCK_SCHEDULERS or chosen in _OUR_SCHEDULERS:
-        scheduler_config.scheduler_cls = (
-            WINDOW_SCHEDULER if settings.overlap else SYNC_WINDOW_SCHEDULER
-        )
+        scheduler_config.scheduler_cls = _SCHEDULERS[(settings.overlap, settings.decode_window > 1)]
     else:
         # A user's own scheduler keeps working; it just gets no decode windows
         # and no wasted-token count.

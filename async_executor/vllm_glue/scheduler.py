@@ -370,12 +370,32 @@ class _WindowTokenUpdate(Scheduler):
 
 
 class WindowScheduler(_WindowMixin, AsyncScheduler, _WindowTokenUpdate):
+    """Overlap on, decode windows on."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._init_window()
 
 
 class SyncWindowScheduler(_WindowMixin, _WindowTokenUpdate):
+    """Overlap off (vLLM's synchronous loop), decode windows on."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_window()
+
+
+class StepScheduler(_WindowMixin, AsyncScheduler):
+    """Overlap on, one token per step: vLLM's own output update."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_window()
+
+
+class SyncStepScheduler(_WindowMixin, Scheduler):
+    """Overlap off, one token per step."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._init_window()
