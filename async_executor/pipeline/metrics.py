@@ -11,7 +11,7 @@ process reads metrics:
   Prometheus's multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`), where every
   process's metrics reach the scrape through files that prometheus_client
   itself writes.
-Both expose the same series (`metric_families` is the one mapping).
+Both expose the same series, named by one table (`COUNTERS`, ...).
 """
 
 from __future__ import annotations
