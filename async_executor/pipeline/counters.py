@@ -7,7 +7,7 @@ leaves them at zero, and fails.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -111,15 +111,34 @@ class PipelineCounters:
 _BY_CONFIG: dict[int, PipelineCounters] = {}
 _REGISTRY_LOCK = threading.Lock()
 
+# Run once per set of counters, when it is created (the metrics export,
+# `vllm_glue/metrics.py`); what a hook returns is called when the set is
+# released. Hooks run under the registry lock: they must be quick and must not
+# call `counters_for`.
+CountersHook = Callable[[object, PipelineCounters], Callable[[], None] | None]
+_HOOKS: list[CountersHook] = []
+_ON_RELEASE: dict[int, list[Callable[[], None]]] = {}
+
+
+def on_counters_created(hook: CountersHook) -> None:
+    with _REGISTRY_LOCK:
+        if hook not in _HOOKS:
+            _HOOKS.append(hook)
+
 
 def counters_for(config: object) -> PipelineCounters:
     with _REGISTRY_LOCK:
         counters = _BY_CONFIG.get(id(config))
         if counters is None:
             counters = _BY_CONFIG[id(config)] = PipelineCounters()
+            releases = [hook(config, counters) for hook in _HOOKS]
+            _ON_RELEASE[id(config)] = [r for r in releases if r is not None]
         return counters
 
 
 def release_counters(config: object) -> None:
     with _REGISTRY_LOCK:
         _BY_CONFIG.pop(id(config), None)
+        releases = _ON_RELEASE.pop(id(config), [])
+    for release in releases:
+        release()

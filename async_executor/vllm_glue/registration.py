@@ -6,7 +6,9 @@ workers) and, for `vllm serve`, before it builds the argument parser. It:
   unknown short name into an error that lists the valid ones;
 - adds `--executor NAME` to vLLM's engine flags (the same setting as
   `--distributed-executor-backend`);
-- with `ASYNC_EXECUTOR_TRACE=1`, installs the step tracer (`tracing.py`).
+- with `ASYNC_EXECUTOR_TRACE=1`, installs the step tracer (`tracing.py`);
+- has new pipeline counters exported for `/metrics` (`metrics.py`; the
+  module is imported only when an engine creates its counters).
 Both wrap vLLM functions by delegation; nothing in vLLM's files changes.
 Importing this module must stay cheap: it runs in every vLLM process.
 """
@@ -99,9 +101,18 @@ def _wrap_cli_args() -> None:
     EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]
 
 
+def _start_metrics_export(config: object, counters: Any) -> Any:
+    from async_executor.vllm_glue.metrics import start_export
+
+    return start_export(config, counters)
+
+
 def register() -> None:
     _wrap_get_class()
     _wrap_cli_args()
+    from async_executor.pipeline.counters import on_counters_created
+
+    on_counters_created(_start_metrics_export)
     from async_executor import tracing
 
     if tracing.enabled():
