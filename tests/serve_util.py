@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from async_executor import PipelineStats
 
 # The engine flags of tests/conftest.py's ENGINE_DEFAULTS, as `vllm serve`
 # arguments, so that a server answers like `engine(...)` in-process.
@@ -112,3 +115,27 @@ def vllm_server(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=30)
+
+
+def counters(server: Server) -> PipelineStats:
+    """The pipeline's counters, through vLLM's dev-mode RPC endpoint."""
+    status, body = post(server.base + "/collective_rpc", {"method": "async_executor_stats"})
+    assert status == 200, body
+    (result,) = body["results"]
+    return PipelineStats(**result)
+
+
+def metrics(server: Server) -> dict[str, float]:
+    """vLLM's Prometheus samples by name, the values of all labels summed;
+    a counter of finished requests also by reason, as `name[reason]`."""
+    out: dict[str, float] = {}
+    for line in get_text(server.base + "/metrics").splitlines():
+        if line.startswith("vllm:"):
+            name_labels, value = line.rsplit(" ", 1)
+            name = name_labels.split("{", 1)[0]
+            keys = [name]
+            if reason := re.search(r'finished_reason="(\w+)"', name_labels):
+                keys.append(f"{name}[{reason.group(1)}]")
+            for key in keys:
+                out[key] = out.get(key, 0.0) + float(value)
+    return out

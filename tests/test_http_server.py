@@ -13,8 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from async_executor import PipelineStats
-from tests.serve_util import Server, get_text, post, vllm_server
+from tests.serve_util import Server, counters, post, vllm_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -40,24 +39,6 @@ def server(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         extra_args=["--chat-template", str(template)],
     ) as s:
         yield s
-
-
-def counters(server: Server) -> PipelineStats:
-    status, body = post(server.base + "/collective_rpc", {"method": "async_executor_stats"})
-    assert status == 200, body
-    (result,) = body["results"]
-    return PipelineStats(**result)
-
-
-def metrics(server: Server) -> dict[str, float]:
-    """vLLM's Prometheus samples, labels dropped, values of one name summed."""
-    out: dict[str, float] = {}
-    for line in get_text(server.base + "/metrics").splitlines():
-        if line.startswith("vllm:"):
-            name_labels, value = line.rsplit(" ", 1)
-            name = name_labels.split("{", 1)[0]
-            out[name] = out.get(name, 0.0) + float(value)
-    return out
 
 
 # --- the table of bad requests ---------------------------------------------
