@@ -172,6 +172,9 @@ async def _load(server: Server) -> list[Result | BaseException]:
     return results
 
 
+DRAINED = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+
+
 def _drain(server: Server) -> tuple[dict[str, float], int]:
     """Wait (bounded) until no request runs or waits and no KV block is in
     use; the metrics then, and how many probes it took. Each round sends a
@@ -182,11 +185,11 @@ def _drain(server: Server) -> tuple[dict[str, float], int]:
         status, body = post(server.base + "/v1/completions", probe)
         assert status == 200, body
         m = metrics(server)
-        if (m["vllm:num_requests_running"], m["vllm:num_requests_waiting"],
-                m["vllm:kv_cache_usage_perc"]) == (0, 0, 0):  # fmt: skip
+        gauges = {k: m[f"vllm:{k}"] for k in DRAINED}
+        if not any(gauges.values()):
             return m, probes
         time.sleep(1)
-    raise AssertionError(f"the server did not drain: {m}")
+    raise AssertionError(f"the server did not drain: {gauges}")
 
 
 def assert_counters_consistent(before: PipelineStats, after: PipelineStats) -> None:
@@ -216,7 +219,9 @@ def test_concurrent_load_with_dropped_streams(
     results = asyncio.run(_load(server))
 
     errors = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
-    assert not errors, f"{len(errors)} requests failed or hung, e.g. {errors[:3]}"
+    assert not errors, (
+        f"{len(errors)} requests failed or hung, e.g. {[(JOBS[i], e) for i, e in errors[:3]]}"
+    )
     done = [(j, r) for j, r in zip(JOBS, results, strict=True) if isinstance(r, Result)]
     dropped = [(j, r) for j, r in done if r.dropped]
     completed = [(j, r) for j, r in done if not r.dropped]
