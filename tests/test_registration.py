@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -18,6 +14,7 @@ from vllm import SamplingParams
 
 from async_executor.vllm_glue.executor import AsyncExecutor, AsyncMultiprocExecutor
 from tests.conftest import ENGINE_DEFAULTS, corpus_prompts, engine, generate, stats
+from tests.serve_util import post, vllm_server
 
 PROMPTS = corpus_prompts(8)
 PARAMS = SamplingParams(temperature=0.0, max_tokens=16)
@@ -106,71 +103,20 @@ def test_executor_flag_is_in_serve_help() -> None:
     assert "--executor NAME" in out.stdout, out.stderr[-2000:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_vllm_serve_with_executor_flag(tiny_model: str, tmp_path: Path) -> None:
     """The `vllm` console script starts a server on our executor (default
     multiprocess engine), answers exactly like the synchronous path, turns a
     bad request into a 400 and keeps serving."""
-    vllm_script = Path(sys.executable).parent / "vllm"
-    assert vllm_script.exists(), "the vllm console script is not installed"
     with engine(tiny_model, ours=False, max_model_len=256) as llm:
         expected = [o.outputs[0].text for o in generate(llm, PROMPTS, PARAMS)]
 
-    port = _free_port()
-    env = {
-        **os.environ,
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
-        "VLLM_SERVER_DEV_MODE": "1",  # exposes /collective_rpc for the counters
-    }
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen(
-        [
-            str(vllm_script), "serve", tiny_model,
-            "--executor", "async_executor",
-            "--additional-config", json.dumps({"async_executor": {"decode_window": 4}}),
-            "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
-            "--seed", "0", "--kv-cache-memory-bytes", str(64 << 20),
-        ],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(1)
-
+    with vllm_server(tiny_model, tmp_path / "serve.log", pipeline={"decode_window": 4}) as server:
+        base = server.base
         got = []
         for prompt in PROMPTS:
-            status, body = _post(
+            status, body = post(
                 base + "/v1/completions",
                 {
                     "model": tiny_model,
@@ -183,12 +129,12 @@ def test_vllm_serve_with_executor_flag(tiny_model: str, tmp_path: Path) -> None:
             got.append(body["choices"][0]["text"])
         assert got == expected
 
-        status, body = _post(
+        status, body = post(
             base + "/v1/completions",
             {"model": tiny_model, "prompt": [1, 5, 10_000], "max_tokens": 4},
         )
         assert status == 400 and "out of vocabulary" in json.dumps(body), body
-        status, body = _post(
+        status, body = post(
             base + "/v1/completions",
             {
                 "model": tiny_model,
@@ -213,19 +159,12 @@ def test_vllm_serve_with_executor_flag(tiny_model: str, tmp_path: Path) -> None:
                     chunks.append(json.loads(line[6:])["choices"][0]["text"])
         assert len(chunks) > 1 and "".join(chunks) == expected[1], chunks
 
-        status, body = _post(base + "/collective_rpc", {"method": "async_executor_stats"})
+        status, body = post(base + "/collective_rpc", {"method": "async_executor_stats"})
         assert status == 200, body
         counters = body["results"][0]
         assert counters["batches_launched"] > 0, counters
         assert counters["launched_before_predecessor_resolved"] > 0, counters
         assert counters["carry_over_tokens"] > 0, counters
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 @pytest.mark.e2e
