@@ -26,18 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.shapes import PRESETS
-
-
-def _word_tokenizer(path: Path, vocab: int, eos: str | None = None) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token=eos).save_pretrained(
-        path
-    )
+from benchmarks.word_tokenizer import write_word_tokenizer
 
 
 def _engine(model: str, ours: bool, settings: dict[str, Any], **kw: Any) -> Any:
@@ -139,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     config = dict(PRESETS["llama-1b"])
     model_dir = root / "llama-1b"
     model_dir.mkdir()
-    _word_tokenizer(model_dir, config["vocab_size"])
+    write_word_tokenizer(model_dir, config["vocab_size"])
     rng = random.Random(0)
     prompts_1b: list[Any] = [
         {"prompt_token_ids": t[: rng.randint(1, 200)]}
@@ -157,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     config["eos_token_id"] = common[0]
     (model_dir / "config.json").write_text(json.dumps(config))
     # vLLM takes the primary EOS from the tokenizer: declare it there too.
-    _word_tokenizer(model_dir, config["vocab_size"], eos=f"w{common[0]}")
+    write_word_tokenizer(model_dir, config["vocab_size"], eos=f"w{common[0]}")
     (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": common[0]}))
     stop_words = [f" w{t} " for t in common[1:6]]
     params = [
