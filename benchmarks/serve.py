@@ -330,9 +330,12 @@ def main(argv: list[str] | None = None) -> int:
                                           "serve_command": shlex.join(server.argv)}  # fmt: skip
                 print(f"{system.name}: ready in {server.start_s:.0f} s", flush=True)
                 for index, rate in enumerate(sweep.rates):
+                    began = time.monotonic()
                     record = base | measure_rate(server, system, model, sweep, index, rate,
                                                  out, args.rate_timeout)  # fmt: skip
                     save(record)
+                    print(f"{system.name}: rate {rate_label(rate)} done in "
+                          f"{time.monotonic() - began:.0f} s", flush=True)  # fmt: skip
                     if not server.alive():
                         raise ServerError(f"server died at rate {rate_label(rate)}:\n"
                                           f"{server.log_tail()}")  # fmt: skip
