@@ -102,7 +102,7 @@ def summary_table(records: list[dict[str, Any]]) -> str:
         lines += [f"\nshape {shape} [{card}] (latencies in ms)", header]
         for r in group:
             rate = r.get("request_rate")
-            rate_s = "-" if rate is None else str(rate)
+            rate_s = "-" if rate is None else rate_label(float(rate))
             if r.get("error"):
                 lines.append(f"{r['system']:36} {rate_s:>6}  -- {r['error']}")
                 continue
