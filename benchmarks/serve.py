@@ -54,7 +54,7 @@ from benchmarks.serve_server import (
     serve_flags,
 )
 from benchmarks.shapes import Model, materialize
-from benchmarks.systems import System, parse_system
+from benchmarks.systems import System, parse_systems
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The tiny model on CPU: about two minutes on a 2-core machine; CI runs it.
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / sub).mkdir(parents=True, exist_ok=True)
     models_dir = Path(args.models_dir or Path(tempfile.gettempdir()) / "async_executor_models")
     model = _model_dir(cfg["shape"], models_dir)
-    systems = [parse_system(s) for s in re.split(r",(?![^\[]*\])", cfg["systems"])]
+    systems = parse_systems(cfg["systems"])
     sweep = Sweep(rates=sorted(cfg["rates"]) + ([math.inf] if cfg["max_concurrency"] else []),
                   max_concurrency=cfg["max_concurrency"], num_prompts=cfg["num_prompts"],
                   seconds=cfg.get("seconds"), input_len=cfg["input_len"],

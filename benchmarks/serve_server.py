@@ -155,7 +155,10 @@ def _wait_ready(server: Server, deadline: float) -> None:
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             healthy = False
         if healthy:
-            models = [m["id"] for m in _request(server.base_url + "/v1/models")["data"]]
+            try:
+                models = [m["id"] for m in _request(server.base_url + "/v1/models")["data"]]
+            except (OSError, ValueError, KeyError) as e:  # URLError is an OSError
+                raise ServerError(f"{server.base_url}/v1/models: {e!r}") from e
             if server.served_name not in models:
                 raise ServerError(f"{server.base_url} answers for {models}: not our server")
             return

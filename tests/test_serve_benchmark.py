@@ -27,7 +27,7 @@ from benchmarks.serve_records import (
 )
 from benchmarks.serve_server import Server, serve_flags
 from benchmarks.shapes import Model
-from benchmarks.systems import parse_system
+from benchmarks.systems import parse_system, parse_systems
 
 ROOT = Path(__file__).resolve().parent.parent
 # A `vllm bench serve --save-result` file of the CPU preset (vLLM 0.32.0,
@@ -130,6 +130,8 @@ def test_systems_become_vllm_serve_flags() -> None:
     assert mp.distributed_executor_backend == "mp"
     with pytest.raises(RuntimeError, match="not served by `vllm serve`"):
         serve_flags(parse_system("hf-sync"))
+    names = "vllm-async,async_executor[decode_window=8,depth=3]"
+    assert [s.name for s in parse_systems(names)] == ["vllm-async", names.split(",", 1)[1]]
 
 
 def test_engine_flags_per_device() -> None:
