@@ -144,6 +144,11 @@ def _progress(total: int) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["serve"]:  # the serving benchmark: benchmarks/serve.py
+        from benchmarks.serve import main as serve_main
+
+        return serve_main(given[1:])
     args = _parse(argv)
     cfg = _settings(args)
     out = Path(args.out)

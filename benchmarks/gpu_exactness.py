@@ -36,20 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.shapes import PRESETS
-
-LOGPROB_ABS_TOL = 0.05  # bf16 logits: reduction order differs with the batch
-
-
-def _word_tokenizer(path: Path, vocab: int, eos: str | None = None) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token=eos).save_pretrained(
-        path
-    )
+from benchmarks.word_tokenizer import write_word_tokenizer
 
 
 def _settings(text: str) -> dict[str, Any]:
@@ -155,7 +142,7 @@ def _workloads(model_dir: Path, vocab: int, args: argparse.Namespace) -> dict[st
     config["eos_token_id"] = common[0]
     (model_dir / "config.json").write_text(json.dumps(config))
     # vLLM takes the primary EOS from the tokenizer: declare it there too.
-    _word_tokenizer(model_dir, vocab, eos=f"w{common[0]}")
+    write_word_tokenizer(model_dir, vocab, eos=f"w{common[0]}")
     (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": common[0]}))
     stop_words = [f" w{t} " for t in common[1:6]]
     greedy = [
@@ -219,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = Path(tempfile.mkdtemp(prefix="exactness_")) / "llama-1b"
     model_dir.mkdir(parents=True)
     (model_dir / "config.json").write_text(json.dumps(config))
-    _word_tokenizer(model_dir, config["vocab_size"])
+    write_word_tokenizer(model_dir, config["vocab_size"])
     workloads = _workloads(model_dir, config["vocab_size"], args)
 
     t0 = time.perf_counter()

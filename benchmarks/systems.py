@@ -48,6 +48,11 @@ def _value(raw: str) -> Any:
         return raw
 
 
+def parse_systems(text: str) -> list[System]:
+    """A comma-separated list; commas inside brackets separate settings."""
+    return [parse_system(name) for name in re.split(r",(?![^\[]*\])", text)]
+
+
 def parse_system(name: str) -> System:
     name = name.strip()
     if name in VLLM_SYSTEMS:

@@ -1,0 +1,119 @@
+"""Records of the serving benchmark: from a `vllm bench serve` result file to
+one record per system and request rate, counter deltas, the printed table.
+
+Pure data handling (no vLLM import), so that it is unit-tested on a saved
+result file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+# What `vllm bench serve --percentile-metrics ... --metric-percentiles ...`
+# must be asked for, and the record keys its result keys become.
+PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el")
+PERCENTILES = (50, 90, 99)
+
+# Every record of a measured rate carries these (SERVING.md says what each means).
+REQUIRED_FIELDS = (
+    "mode", "system", "shape", "card", "run_id", "request_rate", "max_concurrency",
+    "num_prompts", "completed", "failed", "output_tokens_per_s",
+    *(f"{m}_ms_p{p}" for m in ("ttft", "tpot", "itl") for p in PERCENTILES),
+    "e2el_ms_p50", "e2el_ms_p99",
+)  # fmt: skip
+
+# Result key of `vllm bench serve` -> record key.
+_SCALARS = {
+    "completed": "completed",
+    "failed": "failed",
+    "duration": "duration_s",
+    "total_input_tokens": "input_tokens",
+    "total_output_tokens": "output_tokens",
+    "request_throughput": "requests_per_s",
+    "output_throughput": "output_tokens_per_s",
+    "total_token_throughput": "total_tokens_per_s",
+}
+
+
+class BenchResultError(ValueError):
+    """A `vllm bench serve` result without what the record needs."""
+
+
+def rate_label(rate: float) -> str:
+    return "inf" if math.isinf(rate) else f"{rate:g}"
+
+
+def metrics_from_bench(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The record's measured fields from a `vllm bench serve` result (its
+    `--save-result` JSON). Latencies stay in milliseconds, as vLLM reports
+    them; a missing key raises, so that a changed result format is caught."""
+    try:
+        out: dict[str, Any] = {mine: result[theirs] for theirs, mine in _SCALARS.items()}
+        for metric in PERCENTILE_METRICS:
+            out[f"{metric}_ms_mean"] = result[f"mean_{metric}_ms"]
+            for p in PERCENTILES:
+                out[f"{metric}_ms_p{p}"] = result[f"p{p}_{metric}_ms"]
+    except KeyError as e:
+        raise BenchResultError(
+            f"`vllm bench serve` result has no {e.args[0]!r}; it must be run with "
+            f"--percentile-metrics {','.join(PERCENTILE_METRICS)} "
+            f"--metric-percentiles {','.join(map(str, PERCENTILES))}"
+        ) from None
+    rate = result.get("request_rate")
+    out["request_rate"] = "inf" if rate in (None, "inf") else float(rate)
+    out["max_concurrency"] = result.get("max_concurrency")
+    out["num_prompts"] = result.get("num_prompts")
+    return out
+
+
+def stats_delta(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """Counters of our pipeline (`async_executor_stats`) accrued between two
+    reads. `max_in_flight` is a high-water mark since the server started, so
+    it is taken as read after, not subtracted."""
+    out: dict[str, Any] = {}
+    for key, value in after.items():
+        if key == "max_in_flight":
+            out[key] = value
+        elif isinstance(value, Mapping):
+            old = before.get(key, {})
+            out[key] = {k: v - old.get(k, 0) for k, v in value.items() if v != old.get(k, 0)}
+        else:
+            out[key] = value - before.get(key, 0)
+    return out
+
+
+def _ms(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, int | float) else "-"
+
+
+def summary_table(records: list[dict[str, Any]]) -> str:
+    """One block per shape: a row per system and rate."""
+    lines: list[str] = []
+    header = (f"{'system':36} {'rate':>6} {'conc':>5} {'done':>5} {'fail':>4} "
+              f"{'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
+              f"{'TPOT p99':>9} {'ITL p50':>8} {'E2EL p50':>9} {'windows':>8}")  # fmt: skip
+    shapes: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        shapes.setdefault(r.get("shape", "?"), []).append(r)
+    for shape, group in shapes.items():
+        card = next((r["card"] for r in group if r.get("card")), "?")
+        lines += [f"\nshape {shape} [{card}] (latencies in ms)", header]
+        for r in group:
+            rate = r.get("request_rate")
+            rate_s = "-" if rate is None else rate_label(float(rate))
+            if r.get("error"):
+                lines.append(f"{r['system']:36} {rate_s:>6}  -- {r['error']}")
+                continue
+            stats = r.get("pipeline_stats") or {}
+            conc = r.get("max_concurrency")
+            lines.append(
+                f"{r['system']:36} {rate_s:>6} {conc if conc is not None else '-':>5} "
+                f"{r['completed']:>5} {r['failed']:>4} {r['output_tokens_per_s']:>10.0f} "
+                f"{_ms(r['ttft_ms_p50']):>9} {_ms(r['ttft_ms_p99']):>9} "
+                f"{_ms(r['tpot_ms_p50']):>9} {_ms(r['tpot_ms_p99']):>9} "
+                f"{_ms(r['itl_ms_p50']):>8} {_ms(r['e2el_ms_p50']):>9} "
+                f"{stats.get('windowed_batches', '-'):>8}"
+            )
+    return "\n".join(lines)
