@@ -10,6 +10,8 @@ every executor alike (vLLM's and ours), the methods that make up a step:
   prepare    model runner execute_model (input preparation + forward launch;
              on CPU the forward itself)
   launch     model runner sample_tokens (sampling launch + device-to-host copy)
+  advance    a decode window's steps after the first, advanced on the device
+             (their host work: kernel launches, graph replays, sampling)
   resolve    waiting for a step's sampled ids on the host (get_output)
   update     Scheduler.update_from_output
   forward    the model's forward pass (V1 runner; on CPU this is the device
@@ -89,6 +91,11 @@ def _targets() -> list[tuple[Callable[[], type], str, str]]:
 
         return AsyncOutput
 
+    def device_window() -> type:
+        from async_executor.vllm_glue.device_window import DeviceWindow
+
+        return DeviceWindow
+
     return [
         (scheduler, "schedule", "schedule"),
         (scheduler, "update_from_output", "update"),
@@ -99,6 +106,7 @@ def _targets() -> list[tuple[Callable[[], type], str, str]]:
         (v2_runner, "sample_tokens", "launch"),
         (v1_output, "get_output", "resolve"),
         (v2_output, "get_output", "resolve"),
+        (device_window, "run_later_steps", "advance"),
     ]
 
 

@@ -1,10 +1,10 @@
 """The timeline picture: host stages and device work of a few steps.
 
 One panel per system (vLLM synchronous, or else vLLM's default, above
-async_executor), one lane per
-host stage (schedule, prepare, launch, resolve, update) and one for the
-device (kernels on GPU; the forward pass on CPU). Gaps in the device lane are
-the device idling.
+async_executor) of the first workload, one lane per host stage (schedule,
+prepare, launch, advance, resolve, update) and one for the device
+(kernels on GPU; the forward pass on CPU). Gaps in the device lane are the
+device idling.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-LANES = ["schedule", "prepare", "launch", "resolve", "update", "device"]
+LANES = ["schedule", "prepare", "launch", "advance", "resolve", "update", "device"]
 COLORS = {
     "schedule": "#4c72b0",
     "prepare": "#55a868",
     "launch": "#8172b2",
+    "advance": "#64b5cd",
     "resolve": "#c44e52",
     "update": "#ccb974",
     "device": "#222222",
@@ -25,6 +26,11 @@ COLORS = {
 
 def _pick(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     usable = [r for r in records if r.get("timeline")]
+    if usable:
+        # One workload: the first one's records.
+        first = usable[0]
+        key = ("batch", "prompt_len", "gen_len")
+        usable = [r for r in usable if all(r[k] == first[k] for k in key)]
     # The baseline: vLLM synchronous if it ran, else vLLM's default.
     sync = next((r for r in usable if r["system"] == "vllm-sync"), None) or next(
         (r for r in usable if r["system"] == "vllm-async"), None
