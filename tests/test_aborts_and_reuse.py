@@ -12,7 +12,7 @@ import pytest
 from vllm import SamplingParams
 
 from tests.conftest import (
-    assert_overlapped,
+    assert_pipelined,
     assert_same_outputs,
     corpus_prompts,
     engine,
@@ -88,7 +88,7 @@ def test_abort_while_in_flight_leaves_others_exact(
         out = finished.get(rid)
         assert out is None or out.outputs[0].finish_reason == "abort"
     assert_same_outputs([baseline[i] for i in kept], [finished[f"r{i}"] for i in kept])
-    assert_overlapped(s, windows=bool(settings))
+    assert_pipelined(s, windows=bool(settings))
     # Tokens computed for aborted requests in flight were dropped.
     assert s.wasted_tokens_dropped > 0, s
 
@@ -104,7 +104,7 @@ def test_block_reuse_under_small_cache_stays_exact(tiny_model: str) -> None:
         s = stats(llm)
         cache_blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
     assert_same_outputs(baseline, ours)
-    assert_overlapped(s, windows=True)
+    assert_pipelined(s, windows=True)
     # The batch needs several times the cache: blocks were reused.
     assert len(prompts) > 3 * cache_blocks
 

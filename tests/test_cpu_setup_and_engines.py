@@ -13,7 +13,7 @@ from vllm import SamplingParams
 
 from async_executor.cpu_setup import write_vllm_alias
 from tests.conftest import (
-    assert_overlapped,
+    assert_pipelined,
     assert_same_outputs,
     corpus_prompts,
     engine,
@@ -65,4 +65,4 @@ def test_multiprocess_engine_is_exact(
 
         s = pipeline_stats(llm)
     assert_same_outputs(baseline, ours)
-    assert_overlapped(s, windows=bool(settings))
+    assert_pipelined(s, windows=bool(settings))
