@@ -109,6 +109,9 @@ def busy_from_trace(trace: dict[str, Any], method: str, call: tuple[int, int],
 def busy_from_spans(spans: list[Any], lo: int, hi: int, method: str) -> Busy:
     """CPU: the forward pass is the device work."""
     forward = [(s[1], s[2]) for s in spans if s[0] == "forward"]
+    if not any(start < hi and end > lo for start, end in forward):
+        raise RuntimeError("no forward pass in the busy window: pass a later or longer "
+                           "--busy-window")  # fmt: skip
     return Busy(lo, hi, measure.busy_share(forward, lo, hi), method)
 
 
