@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.shapes import PRESETS
+from .shapes import PRESETS
 
 LOGPROB_ABS_TOL = 0.05  # bf16 logits: reduction order differs with the batch
 
@@ -138,7 +138,7 @@ def _workloads(model_dir: Path, vocab: int, args: argparse.Namespace) -> dict[st
     """Prompts and sampling parameters; picks EOS and stop words first."""
     from vllm import SamplingParams
 
-    from benchmarks.run_one import make_prompts
+    from .run_one import make_prompts
 
     rng = random.Random(0)
     prompts: list[Any] = [

@@ -36,8 +36,8 @@ if not os.environ.get("ASYNC_EXECUTOR_TRACE", "").startswith(tempfile.gettempdir
 TRACE_DIR = os.environ["ASYNC_EXECUTOR_TRACE"]
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
-from benchmarks import measure  # noqa: E402
-from benchmarks.systems import System, parse_system  # noqa: E402
+from . import measure  # noqa: E402
+from .systems import System, parse_system  # noqa: E402
 
 
 def make_prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
