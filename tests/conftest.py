@@ -206,21 +206,26 @@ class StepTracer:
     def call(self, llm: Any, fn: Callable[[], T]) -> tuple[T, StepTrace]:
         from async_executor import tracing
 
-        steps_before = stats(llm).device_steps
+        before = stats(llm)
         t0 = time.perf_counter_ns()
         result = fn()
         t1 = time.perf_counter_ns()
-        device_steps = stats(llm).device_steps - steps_before
+        after = stats(llm)
+        batches = after.batches_launched - before.batches_launched
+        device_steps = after.device_steps - before.device_steps
         tracing.flush()  # this process's spans (the in-process engine's)
-        # A worker process flushes twice a second; every device step is one
-        # `prepare` span, so the trace is whole once all of them are in.
+        # Other processes flush twice a second. Every launched batch was
+        # scheduled once and every device step is one `prepare` span, so the
+        # trace is whole once all of them are in.
         deadline = time.monotonic() + 120
         while True:
             trace = StepTrace(_read_spans(self.directory, t0, t1))
-            if len(trace.of(("prepare",))) >= device_steps > 0:
+            if (len(trace.of(("schedule",))) >= batches > 0
+                    and len(trace.of(("prepare",))) >= device_steps):  # fmt: skip
                 return result, trace
             assert time.monotonic() < deadline, (
-                f"{device_steps} device steps, trace incomplete: {trace.summary()}"
+                f"{batches} batches, {device_steps} device steps, trace incomplete: "
+                f"{trace.summary()}"
             )
             time.sleep(0.2)
 
