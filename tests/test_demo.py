@@ -47,6 +47,7 @@ def test_demo_prints_its_output_not_vllm_logs(tiny_model: str) -> None:
     counters = dict(line.split(maxsplit=1) for line in lines if re.fullmatch(DEMO_LINES[4], line))
     assert int(counters["launched_before_predecessor_resolved"]) > 0, counters
     assert int(counters["carry_over_tokens"]) > 0, counters
-    assert int(counters["windowed_batches"]) > 0, counters  # the demo's window is 4
+    # Not asserted: windows. The demo keeps the latency bounds of serving,
+    # which size windows from the measured step time (machine-dependent).
     assert "same tokens as vLLM's synchronous path: True" in lines
     assert sum(1 for line in lines if re.fullmatch(DEMO_LINES[2], line)) == 8

@@ -1,9 +1,9 @@
 """Per-step host work on CPU, at batch 32, 128 and 512 with a decode window
 of 8:
 
-- batch preparation: splitting a scheduled step into device steps;
+- batch preparation: a window's device steps as vLLM data;
 - output resolution: merging the device steps' outputs;
-- carry-over bookkeeping: recording a launch and its resolution;
+- launch bookkeeping: recording a launch and its resolution;
 - the window's output update, next to vLLM's per-token update of the same
   tokens.
 
@@ -33,8 +33,8 @@ from vllm.v1.request import Request
 
 from async_executor.pipeline.counters import PipelineCounters
 from async_executor.pipeline.in_flight import InFlightTracker
-from async_executor.vllm_glue.scheduler import _WindowUpdate
-from async_executor.vllm_glue.substeps import merge_outputs, plan_window
+from async_executor.vllm_glue.scheduler import window_update as update_window
+from async_executor.vllm_glue.window_steps import first_step, later_steps, merge_outputs
 from tests.conftest import make_scheduled
 
 WINDOW = 8
@@ -92,30 +92,31 @@ def per_token_update(batch: int) -> Callable[[], None]:
 
 
 def window_update(batch: int) -> Callable[[], None]:
-    fake = types.SimpleNamespace(max_model_len=100_000)
     requests, windows = _requests(batch), _windows(batch)
 
     def run() -> None:
         for request, window in zip(requests, windows, strict=True):
-            _WindowUpdate._update_request_with_output(fake, request, list(window))
+            update_window(request, list(window), 100_000)
 
     return run
 
 
+def window_steps(out: SchedulerOutput) -> list[SchedulerOutput]:
+    return [first_step(out), *later_steps(out, WINDOW)]
+
+
 def pipeline_overhead(batch: int) -> Callable[[], None]:
-    """Everything the executor adds per scheduled step: plan, bookkeeping, merge."""
+    """Everything the executor adds per window: its device steps as vLLM
+    data, the launch bookkeeping, the merge of the steps' outputs."""
     out = scheduled(batch)
     outputs = step_outputs(batch, logprobs=False)
     tracker = InFlightTracker(PipelineCounters())
-    ids = list(out.num_scheduled_tokens)
 
     def run() -> None:
-        plan = plan_window(out)
-        batch_ = tracker.launch(decode_inputs=ids, samplers=ids,
-                                device_steps=plan.num_steps,
-                                carried_within=plan.carried_tokens)  # fmt: skip
+        steps = window_steps(out)
+        launched = tracker.launch(device_steps=len(steps))
         merge_outputs(outputs)
-        tracker.resolve(batch_)
+        tracker.resolve(launched)
 
     return run
 
@@ -142,10 +143,12 @@ def python_calls(fn: Callable[[], Any]) -> int:
 @pytest.mark.parametrize("batch", BATCHES)
 def test_bench_batch_preparation(benchmark: Any, batch: int) -> None:
     out = scheduled(batch)
-    plan = benchmark(plan_window, out)
-    assert plan.num_steps == WINDOW
-    assert [s.total_num_scheduled_tokens for s in plan.steps] == [batch] * WINDOW
-    assert plan.carried_tokens == batch * (WINDOW - 1)
+    steps = benchmark(window_steps, out)
+    assert [s.total_num_scheduled_tokens for s in steps] == [batch] * WINDOW
+    # Step k decodes each request's k-th token of the window.
+    assert [s.scheduled_cached_reqs.num_computed_tokens[1] for s in steps] == [
+        20 + k for k in range(WINDOW)
+    ]
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -161,26 +164,22 @@ def test_bench_output_resolution(benchmark: Any, batch: int) -> None:
 
 
 @pytest.mark.parametrize("batch", BATCHES)
-def test_bench_carry_over_bookkeeping(benchmark: Any, batch: int) -> None:
+def test_bench_launch_bookkeeping(benchmark: Any, batch: int) -> None:
     counters = PipelineCounters()
     tracker = InFlightTracker(counters)
-    ids = [f"req-{i}" for i in range(batch)]
     rounds = 0
 
     def launch_and_resolve() -> None:
         nonlocal rounds
-        b = tracker.launch(decode_inputs=ids, samplers=ids, device_steps=WINDOW,
-                           carried_within=batch * (WINDOW - 1))  # fmt: skip
-        tracker.resolve(b)
+        tracker.resolve(tracker.launch(device_steps=WINDOW))
         rounds += 1
 
     benchmark(launch_and_resolve)
     s = counters.snapshot()
-    # Each batch resolves before the next launches: nothing carried between
-    # batches, only inside the windows.
+    # Each batch resolves before the next one launches.
     assert (s.batches_launched, s.launched_before_predecessor_resolved) == (rounds, 0)
-    assert s.carry_over_tokens == rounds * batch * (WINDOW - 1)
-    assert s.max_in_flight == 1 and s.window_sizes == {WINDOW: rounds}
+    assert s.device_steps == rounds * WINDOW and s.window_sizes == {WINDOW: rounds}
+    assert s.max_in_flight == 1
 
 
 @pytest.mark.parametrize("path", ["window", "vllm-per-token"])
@@ -215,12 +214,14 @@ def test_window_update_appends_once_per_request(
     fake = types.SimpleNamespace(max_model_len=100_000)
     windows = _windows(batch)
     states = []
-    for update in (Scheduler._update_request_with_output,
-                   _WindowUpdate._update_request_with_output):  # fmt: skip
+    for path in ("vllm", "window"):
         requests = _requests(batch)
         counts.update(append=0, check_stop=0)
         for request, window in zip(requests, windows, strict=True):
-            update(fake, request, list(window))  # type: ignore[arg-type]
+            if path == "vllm":
+                Scheduler._update_request_with_output(fake, request, list(window))  # type: ignore[arg-type]
+            else:
+                update_window(request, list(window), fake.max_model_len)
         states.append(([list(r.output_token_ids) for r in requests], dict(counts)))
     (vllm_tokens, vllm_calls), (window_tokens, window_calls) = states
     assert window_tokens == vllm_tokens == windows
@@ -229,11 +230,10 @@ def test_window_update_appends_once_per_request(
 
 
 def test_pipeline_host_work_grows_per_step_not_per_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What the executor adds per scheduled step (plan, bookkeeping, merge of
-    a window) makes at most one Python call per request (counting the
-    carried tokens), whatever the window; a longer window adds the same few calls per
-    device step at every batch size. vLLM's per-token update, for contrast,
-    makes several calls per token."""
+    """What the executor adds per window (its steps, bookkeeping, merge)
+    makes at most one Python call per request, whatever the window; a longer
+    window adds the same few calls per device step at every batch size.
+    vLLM's per-token update, for contrast, makes several calls per token."""
     calls: dict[tuple[int, int], int] = {}
     vllm_calls: dict[int, int] = {}
     for window in (2, 16):

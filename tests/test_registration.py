@@ -18,7 +18,14 @@ from vllm import SamplingParams
 
 from async_executor import PipelineStats
 from async_executor.vllm_glue.executor import AsyncExecutor, AsyncMultiprocExecutor
-from tests.conftest import ENGINE_DEFAULTS, corpus_prompts, engine, generate, stats
+from tests.conftest import (
+    ENGINE_DEFAULTS,
+    corpus_prompts,
+    deterministic_windows,
+    engine,
+    generate,
+    stats,
+)
 
 PROMPTS = corpus_prompts(8)
 PARAMS = SamplingParams(temperature=0.0, max_tokens=16)
@@ -196,7 +203,8 @@ def test_vllm_serve_with_executor_flag(tiny_model: str, tmp_path: Path) -> None:
         [
             str(vllm_script), "serve", tiny_model,
             "--executor", "async_executor",
-            "--additional-config", json.dumps({"async_executor": {"decode_window": 4}}),
+            "--additional-config",
+            json.dumps({"async_executor": deterministic_windows({"decode_window": 4})}),
             "--host", "127.0.0.1", "--port", str(port),
             "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
             "--seed", "0", "--kv-cache-memory-bytes", str(64 << 20),
