@@ -5,16 +5,28 @@
 Builds a tokenizer and a random-weight Llama (no download), generates with
 vLLM's `LLM` on our executor, prints the outputs and the pipeline's
 counters, then runs vLLM's synchronous path on the same prompts and checks
-that every token is the same.
+that every token is the same. vLLM logs only errors here
+(`VLLM_LOGGING_LEVEL=INFO python -m async_executor.demo` shows its logs).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
+
+# The demo's own output, not vLLM's warnings (dozens per engine). Hazard: this
+# must run before vLLM is imported, in this process and in the engine processes
+# vLLM spawns, which import this module again before vLLM (module level for
+# that reason); vLLM's logging config reads the level from the environment.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's NUMA notice on CPU
+logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
 
 PROMPTS = [
     "the quick brown fox",
@@ -35,7 +47,7 @@ def _generate(model: str, ours: bool, settings: dict[str, Any]) -> tuple[list[An
 
     kwargs: dict[str, Any] = dict(
         dtype="float32", max_model_len=512, seed=0, enforce_eager=True,
-        kv_cache_memory_bytes=64 << 20,
+        kv_cache_memory_bytes=64 << 20, use_tqdm_on_load=False,
     )  # fmt: skip
     if ours:
         kwargs["distributed_executor_backend"] = "async_executor"
@@ -63,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-window", type=int, default=4)
     parser.add_argument("--depth", type=int, default=2)
     args = parser.parse_args(argv)
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
     from async_executor.tiny_llama import build_tiny_llama
 

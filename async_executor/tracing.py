@@ -22,7 +22,7 @@ which is CLOCK_MONOTONIC and so comparable across processes. Every traced
 process appends its spans to `<dir>/<pid>.jsonl` twice a second (nothing
 piles up in memory, and spans of every process are kept, also where no RPC
 reaches: vLLM's EngineCore when its worker runs elsewhere);
-`read_span_files(dir)` collects them.
+`read_span_files(dir)` collects them; `flush()` writes this process's now.
 """
 
 from __future__ import annotations
@@ -137,21 +137,33 @@ def trace_dir() -> Path:
     return Path(value)
 
 
+_directory: Path | None = None
+_flush_lock = threading.Lock()
+
+
 def _start_flusher() -> None:
-    global _spans
+    global _spans, _directory, _flush_lock
     _spans = []
-    directory = trace_dir()
-    threading.Thread(target=_flush_forever, args=(directory,), daemon=True).start()
+    # A forked child gets a fresh lock: the parent's flusher may hold its copy.
+    _flush_lock = threading.Lock()
+    _directory = trace_dir()
+    threading.Thread(target=_flush_forever, daemon=True).start()
 
 
-def _flush_forever(directory: Path) -> None:
-    global _spans
-    path = directory / f"{os.getpid()}.jsonl"
+def _flush_forever() -> None:
     while True:
         time.sleep(0.5)
+        flush()
+
+
+def flush() -> None:
+    """Append this process's spans to its file now (the flusher does it twice
+    a second); a no-op where the tracer is not installed."""
+    global _spans
+    with _flush_lock:
         spans, _spans = _spans, []
-        if spans:
-            with path.open("a") as fh:
+        if spans and _directory is not None:
+            with (_directory / f"{os.getpid()}.jsonl").open("a") as fh:
                 fh.write(json.dumps(spans) + "\n")
 
 

@@ -29,8 +29,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.shapes import materialize
-from benchmarks.systems import parse_system
+from .shapes import materialize
+from .systems import parse_system
 
 # Window settings with the latency bounds off (offline throughput).
 UNBOUNDED = "max_token_gap_ms=0,max_admission_delay_ms=0"
@@ -146,7 +146,7 @@ def _progress(total: int) -> Any:
 def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     if given[:1] == ["serve"]:  # the serving benchmark: benchmarks/serve.py
-        from benchmarks.serve import main as serve_main
+        from .serve import main as serve_main
 
         return serve_main(given[1:])
     args = _parse(argv)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(summary_table(records))
     if cfg["timeline"]:
-        from benchmarks.timeline import draw_timeline
+        from .timeline import draw_timeline
 
         path = draw_timeline(records, out / "timeline.png")
         print(f"timeline: {path}")
@@ -209,7 +209,7 @@ def _run(spec: dict[str, Any], out: Path, timeout: int) -> list[dict[str, Any]]:
     with log.open("w") as fh:
         # Its own session, so that a timeout takes the engine's processes too.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.run_one", str(spec_path), str(rec_path)],
+            [sys.executable, "-m", f"{__package__}.run_one", str(spec_path), str(rec_path)],
             stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip

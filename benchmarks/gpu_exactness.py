@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.shapes import PRESETS
-from benchmarks.word_tokenizer import write_word_tokenizer
+from .shapes import PRESETS
+from .word_tokenizer import write_word_tokenizer
 
 
 def _settings(text: str) -> dict[str, Any]:
@@ -125,7 +125,7 @@ def _workloads(model_dir: Path, vocab: int, args: argparse.Namespace) -> dict[st
     """Prompts and sampling parameters; picks EOS and stop words first."""
     from vllm import SamplingParams
 
-    from benchmarks.run_one import make_prompts
+    from .run_one import make_prompts
 
     rng = random.Random(0)
     prompts: list[Any] = [

@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from vllm import LLM, SamplingParams
 
-    from benchmarks.run_one import make_prompts
-    from benchmarks.shapes import materialize
-    from benchmarks.systems import parse_system
+    from .run_one import make_prompts
+    from .shapes import materialize
+    from .systems import parse_system
 
     model = materialize(args.shape, Path(tempfile.gettempdir()) / "async_executor_models")
     system = parse_system(args.system)

@@ -36,8 +36,8 @@ if not os.environ.get("ASYNC_EXECUTOR_TRACE", "").startswith(tempfile.gettempdir
 TRACE_DIR = os.environ["ASYNC_EXECUTOR_TRACE"]
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
-from benchmarks import measure  # noqa: E402
-from benchmarks.systems import System, parse_system  # noqa: E402
+from . import measure  # noqa: E402
+from .systems import System, parse_system  # noqa: E402
 
 
 def make_prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -109,6 +109,9 @@ def busy_from_trace(trace: dict[str, Any], method: str, call: tuple[int, int],
 def busy_from_spans(spans: list[Any], lo: int, hi: int, method: str) -> Busy:
     """CPU: the forward pass is the device work."""
     forward = [(s[1], s[2]) for s in spans if s[0] == "forward"]
+    if not any(start < hi and end > lo for start, end in forward):
+        raise RuntimeError("no forward pass in the busy window: pass a later or longer "
+                           "--busy-window")  # fmt: skip
     return Busy(lo, hi, measure.busy_share(forward, lo, hi), method)
 
 

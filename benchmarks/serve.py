@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.serve_records import (
+from .serve_records import (
     PERCENTILE_METRICS,
     PERCENTILES,
     BenchResultError,
@@ -43,7 +43,7 @@ from benchmarks.serve_records import (
     stats_delta,
     summary_table,
 )
-from benchmarks.serve_server import (
+from .serve_server import (
     VLLM_CLI,
     Server,
     ServerError,
@@ -53,8 +53,8 @@ from benchmarks.serve_server import (
     running_server,
     serve_flags,
 )
-from benchmarks.shapes import Model, materialize
-from benchmarks.systems import System, parse_systems
+from .shapes import Model, materialize
+from .systems import System, parse_systems
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The tiny model on CPU: about two minutes on a 2-core machine; CI runs it.
@@ -188,7 +188,7 @@ def _model_dir(shape: str, root: Path) -> Model:
     random dataset writes prompts as text)."""
     model = materialize(shape, root)
     if model.dummy:
-        from benchmarks.word_tokenizer import write_word_tokenizer
+        from .word_tokenizer import write_word_tokenizer
 
         write_word_tokenizer(Path(model.path), model.vocab_size)
     return model
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             save(base | {"error": str(e).splitlines()[0], "serve_log": str(log)})
 
     print(summary_table(records))
-    from benchmarks.serve_plot import draw_serving
+    from .serve_plot import draw_serving
 
     picture = draw_serving(records, out / "serve.png")
     if picture is not None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.systems import System
+from .systems import System
 
 # `python -m` of vLLM's CLI rather than the `vllm` console script: the same
 # interpreter as ours, whether or not the script is installed.

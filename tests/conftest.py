@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -134,10 +137,12 @@ def stats(llm: Any) -> PipelineStats:
     return pipeline_stats(llm)
 
 
-def assert_overlapped(s: PipelineStats, *, windows: bool = False) -> None:
-    """Our executor ran, launched batches ahead of their predecessor's
-    result, and reconciled carry-over tokens: a silent fallback to the stock
-    path leaves these at zero."""
+def assert_pipelined(s: PipelineStats, *, windows: bool = False) -> None:
+    """The cheap check from the counters: our executor ran, launched batches
+    ahead of their predecessor's result, and reconciled carry-over tokens (a
+    silent fallback to the stock path leaves these at zero). This is launch
+    order, not concurrency: `stage="inline"` on CPU passes it while nothing
+    overlaps. `assert_overlapped` proves concurrency from the step trace."""
     assert s.batches_launched > 0, s
     assert s.launched_before_predecessor_resolved > 0, s
     assert s.carry_over_tokens > 0, s
@@ -145,6 +150,138 @@ def assert_overlapped(s: PipelineStats, *, windows: bool = False) -> None:
     if windows:
         assert s.windowed_batches > 0, s
         assert s.device_steps > s.batches_launched, s
+
+
+# -- concurrency, from the step tracer (async_executor/tracing.py) -------------
+
+# (pid, thread id, lane, start_ns, end_ns); the clock is CLOCK_MONOTONIC, one
+# clock for every process of the engine.
+Span = tuple[int, int, str, int, int]
+Thread = tuple[int, int]  # (pid, thread id)
+# The engine thread's own work, and the device stage's: the runner's
+# execute_model (input preparation and, on CPU, the forward pass) and the
+# model's forward inside it.
+HOST_LANES = ("schedule", "update")
+DEVICE_LANES = ("prepare", "forward")
+T = TypeVar("T")
+
+
+@dataclass
+class StepTrace:
+    """The host spans of one traced call, from every process of the engine."""
+
+    spans: list[Span]
+
+    def of(self, lanes: tuple[str, ...]) -> list[Span]:
+        return [s for s in self.spans if s[2] in lanes]
+
+    def threads(self, lanes: tuple[str, ...]) -> set[Thread]:
+        return {(s[0], s[1]) for s in self.of(lanes)}
+
+    def overlaps(self) -> list[tuple[Span, Span]]:
+        """(host span, device span) pairs of different threads whose
+        intervals intersect: the engine scheduled or updated while the
+        device stage ran a batch."""
+        device = self.of(DEVICE_LANES)
+        return [
+            (h, d)
+            for h in self.of(HOST_LANES)
+            for d in device
+            if (d[0], d[1]) != (h[0], h[1]) and d[3] < h[4] and h[3] < d[4]
+        ]
+
+    def summary(self) -> str:
+        counts = {lane: len(self.of((lane,))) for lane in (*HOST_LANES, *DEVICE_LANES)}
+        return (f"spans {counts}, host threads {sorted(self.threads(HOST_LANES))}, "
+                f"device threads {sorted(self.threads(DEVICE_LANES))}")  # fmt: skip
+
+
+class StepTracer:
+    """Traces calls on an engine started after this tracer was made (the
+    engine's processes read `ASYNC_EXECUTOR_TRACE` when they start)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def call(self, llm: Any, fn: Callable[[], T]) -> tuple[T, StepTrace]:
+        from async_executor import tracing
+
+        before = stats(llm)
+        t0 = time.perf_counter_ns()
+        result = fn()
+        t1 = time.perf_counter_ns()
+        after = stats(llm)
+        batches = after.batches_launched - before.batches_launched
+        device_steps = after.device_steps - before.device_steps
+        tracing.flush()  # this process's spans (the in-process engine's)
+        # Other processes flush twice a second. Every launched batch was
+        # scheduled once and every device step is one `prepare` span, so the
+        # trace is whole once all of them are in.
+        deadline = time.monotonic() + 120
+        while True:
+            trace = StepTrace(_read_spans(self.directory, t0, t1))
+            if (len(trace.of(("schedule",))) >= batches > 0
+                    and len(trace.of(("prepare",))) >= device_steps):  # fmt: skip
+                return result, trace
+            assert time.monotonic() < deadline, (
+                f"{batches} batches, {device_steps} device steps, trace incomplete: "
+                f"{trace.summary()}"
+            )
+            time.sleep(0.2)
+
+
+def _read_spans(directory: Path, lo: int, hi: int) -> list[Span]:
+    spans: list[Span] = []
+    for path in directory.glob("*.jsonl"):
+        pid = int(path.stem)
+        for line in path.read_text().splitlines():
+            for lane, start, end, tid in json.loads(line):
+                if lo <= start <= hi:
+                    spans.append((pid, tid, lane, start, end))
+    return spans
+
+
+@pytest.fixture(scope="session")
+def _trace_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from async_executor import tracing
+
+    # One directory for the session: the tracer, once installed in this
+    # process, keeps writing where it started. Calls are told apart by time.
+    if tracing.enabled():
+        return tracing.trace_dir()
+    return tmp_path_factory.mktemp("step-trace")
+
+
+@pytest.fixture
+def step_tracer(_trace_dir: Path, monkeypatch: pytest.MonkeyPatch) -> StepTracer:
+    from async_executor import tracing
+
+    # Worker processes started from now on install the tracer themselves
+    # (vLLM runs the plugin entry point in each); this process may have
+    # loaded the plugins already.
+    monkeypatch.setenv(tracing.ENV_FLAG, str(_trace_dir))
+    tracing.install()
+    return StepTracer(_trace_dir)
+
+
+def assert_overlapped(trace: StepTrace) -> None:
+    """Real concurrency: a host span of the engine thread (schedule, update)
+    intersects in time a device-stage span (prepare, forward) of another
+    thread or process. Stages `process` and `thread`."""
+    host, device = trace.threads(HOST_LANES), trace.threads(DEVICE_LANES)
+    assert len(host) == 1, f"one engine thread expected: {trace.summary()}"
+    assert device and not device & host, f"device stage on the engine thread: {trace.summary()}"
+    overlaps = len(trace.overlaps())
+    assert overlaps > 0, f"host and device work never overlapped: {trace.summary()}"
+
+
+def assert_not_overlapped(trace: StepTrace) -> None:
+    """No concurrency: every device-stage span lies outside every host span
+    of the engine thread (vLLM's synchronous loop, or `stage="inline"`)."""
+    assert trace.of(HOST_LANES) and trace.of(DEVICE_LANES), trace.summary()
+    overlaps = trace.overlaps()
+    first = overlaps[0] if overlaps else None
+    assert first is None, f"{len(overlaps)} overlaps, first {first}: {trace.summary()}"
 
 
 def metric(llm: Any, name: str) -> float:

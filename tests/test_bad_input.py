@@ -34,7 +34,8 @@ BAD_PROMPTS = [
 
 @pytest.fixture(scope="module")
 def served(tiny_model: str):  # type: ignore[no-untyped-def]
-    with engine(tiny_model, ours=True, max_model_len=MAX_MODEL_LEN) as llm:
+    settings = {"decode_window": 4}
+    with engine(tiny_model, ours=True, settings=settings, max_model_len=MAX_MODEL_LEN) as llm:
         yield llm
 
 
@@ -50,13 +51,8 @@ def test_bad_prompt_is_rejected_and_others_still_served(served, bad, message) ->
     after = generate(served, GOOD, PARAMS)
     assert_same_outputs(before, after)
     assert not served.llm_engine.has_unfinished_requests(), "a request was left hanging"
-    assert stats(served).launched_before_predecessor_resolved > 0
-
-
-@pytest.mark.parametrize("max_tokens", [0, -1])
-def test_max_tokens_below_one_is_rejected(max_tokens: int) -> None:
-    with pytest.raises(VLLMValidationError, match="max_tokens must be at least 1"):
-        SamplingParams(max_tokens=max_tokens)
+    s = stats(served)
+    assert s.launched_before_predecessor_resolved > 0 and s.windowed_batches > 0, s
 
 
 def test_prompt_that_exactly_fits_is_served(served) -> None:  # type: ignore[no-untyped-def]
@@ -66,23 +62,37 @@ def test_prompt_that_exactly_fits_is_served(served) -> None:  # type: ignore[no-
 
 
 @pytest.mark.parametrize(
-    "settings,message",
+    "settings,env,message",
     [
-        ({"depth": 1}, "depth must be between 2 and 8, got 1"),
-        ({"decode_window": 0}, "decode_window must be between 1 and 64, got 0"),
-        ({"stage": "gpu"}, "stage must be 'auto', 'thread', 'inline' or 'process'"),
+        ({"depth": 1}, {}, "depth must be between 2 and 8, got 1"),
+        ({"decode_window": 0}, {}, "decode_window must be between 1 and 64, got 0"),
+        ({"stage": "gpu"}, {}, "stage must be 'auto', 'thread', 'inline' or 'process'"),
+        ({"dept": 3}, {}, r"unknown async_executor setting\(s\) \['dept'\]; valid settings"),
+        # Settings from the environment (what `vllm serve` users set) are
+        # checked as strictly, and name the variable.
+        ({}, {"ASYNC_EXECUTOR_DEPTH": "two"}, "ASYNC_EXECUTOR_DEPTH='two' is not an integer"),
         (
-            {"dept": 3},
-            r"unknown async_executor setting\(s\) \['dept'\]; valid settings",
+            {},
+            {"ASYNC_EXECUTOR_OVERLAP": "maybe"},
+            "ASYNC_EXECUTOR_OVERLAP='maybe' is not a boolean",
         ),
+        ("fast", {}, r"additional_config\['async_executor'\] must be a mapping, got str"),
     ],
+    ids=["depth", "window", "stage", "unknown-name", "env-int", "env-bool", "not-a-mapping"],
 )
-def test_bad_pipeline_settings_name_the_problem(tiny_model: str, settings, message) -> None:  # type: ignore[no-untyped-def]
+def test_bad_pipeline_settings_name_the_problem(
+    served, settings, env, message, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Our settings are checked when the engine is built, with an error that
+    names the setting; an engine already serving is not disturbed."""
     from vllm import LLM
 
+    before = generate(served, GOOD, PARAMS)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     with pytest.raises(Exception, match=message):
         LLM(
-            tiny_model,
+            served.llm_engine.model_config.model,
             dtype="float32",
             max_model_len=128,
             enforce_eager=True,
@@ -90,3 +100,5 @@ def test_bad_pipeline_settings_name_the_problem(tiny_model: str, settings, messa
             distributed_executor_backend="async_executor",
             additional_config={"async_executor": settings},
         )
+    monkeypatch.undo()
+    assert_same_outputs(before, generate(served, GOOD, PARAMS))

@@ -46,17 +46,17 @@ def test_smoke_preset_writes_records_and_timeline(tmp_path: Path) -> None:
     assert "async_executor" in proc.stdout and "tok/s" in proc.stdout
 
 
-def test_transformers_rows_and_sampled_busy_on_cpu(tmp_path: Path) -> None:
-    """The transformers runner and the sampled busy window (the reference
-    preset's) at tiny scale on CPU: what the GPU host runs, exercised in CI.
-    The window (1.0-1.5 s into calls of 2.3 s and more) lies past the 0.6 s a
-    transformers call spends before its first forward pass, and holds many
-    forward passes of each system."""
+def test_transformers_rows_on_cpu(tmp_path: Path) -> None:
+    """The transformers runner next to vLLM on CPU: what the GPU host runs,
+    exercised in CI. Busy is over one more call traced whole, which holds
+    every forward pass of the call however fast the machine is (a window
+    sampled at a fixed time may hold none: the sampled window is covered by
+    test_benchmark_units with calls of known forward passes)."""
     out = tmp_path / "hf"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--shape", "tiny", "--batch", "32",
-         "--prompt-len", "8", "--gen-len", "1000", "--device", "cpu", "--reps", "1",
-         "--systems", "vllm-sync,hf-sync,hf-async", "--busy-window", "0.5,1.0",
+         "--prompt-len", "8", "--gen-len", "256", "--device", "cpu", "--reps", "1",
+         "--systems", "vllm-sync,hf-sync,hf-async",
          "--out", str(out), "--models-dir", str(tmp_path / "models")],
         cwd=ROOT, capture_output=True, text=True, timeout=850,
     )  # fmt: skip
@@ -64,13 +64,15 @@ def test_transformers_rows_and_sampled_busy_on_cpu(tmp_path: Path) -> None:
     by_system = {r["system"]: r for r in json.loads((out / "results.json").read_text())}
     for name in ("vllm-sync", "hf-sync"):
         record = by_system[name]
+        assert "skipped" not in record and "error" not in record, record
         brief = {k: record.get(k) for k in ("system", "wall_s", "gpu_busy", "busy_window_s")}
-        assert record["generated_tokens"] == 32 * 1000, brief
-        assert record["busy_method"].startswith("sampled 1 s from 0.5 s"), record["busy_method"]
-        # The lead-in of a sampled window is left out of it.
-        assert abs(record["busy_window_s"] - 0.5) < 1e-6, brief
+        assert record["generated_tokens"] == 32 * 256, brief
+        assert record["busy_method"] == "one more call, traced whole", record["busy_method"]
         assert 0.0 < record["gpu_busy"] <= 1.0, brief
-        assert record["timeline"]["spans"], brief
+        assert record["timeline"]["window_ns"], brief
+    # vLLM decodes from its first step, so the middle of its call (the
+    # timeline's steps) is decoding.
+    assert by_system["vllm-sync"]["timeline"]["spans"]
     assert by_system["hf-sync"]["transformers_version"]
     assert "needs a CUDA device" in by_system["hf-async"]["skipped"]
     assert "n/a (other weights)" in proc.stdout

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import pytest
 
 from benchmarks import measure
-from benchmarks.run_one import busy_from_trace, sampled_window
+from benchmarks.run_one import busy_from_spans, busy_from_trace, measure_runs, sampled_window
 
 
 def test_busy_share_is_the_union_of_intervals_inside_the_window() -> None:
@@ -75,3 +78,61 @@ def test_reference_preset_samples_busy_and_the_flag_is_checked() -> None:
     for bad in ("2", "a,b", "-1,2", "1,0"):
         with pytest.raises(SystemExit):
             _parse(["--busy-window", bad, "--out", "x"])
+
+
+MS = 1_000_000
+
+
+def _cpu_call(forward_until_s: float, call_s: float = 1.6) -> tuple[Any, list[Any]]:
+    """A timed call on CPU whose forward passes are known: 5 ms of every
+    10 ms from its start up to `forward_until_s`, then idle; the call lasts
+    at least `call_s` (sleep never returns early, so this holds on any
+    machine)."""
+    spans: list[Any] = []
+
+    def generate() -> list[list[int]]:
+        t0 = time.perf_counter_ns()
+        spans.extend(("forward", t0 + k * 10 * MS, t0 + k * 10 * MS + 5 * MS)
+                     for k in range(int(forward_until_s * 100)))  # fmt: skip
+        while time.perf_counter_ns() < t0 + call_s * 1e9:
+            time.sleep(0.05)
+        return [[1, 2, 3]]
+
+    return generate, spans
+
+
+def _measure_cpu(generate: Any, spans: list[Any], window: list[float]) -> Any:
+    def read_spans(lo: int, hi: int) -> list[Any]:
+        return [s for s in spans if lo <= s[1] <= hi]
+
+    def no_trace(**kwargs: Any) -> Any:
+        raise AssertionError("no kernel trace on CPU")
+
+    spec = {"device": "cpu", "busy_window": window, "reps": 1}
+    return measure_runs(generate, spec, None, no_trace, no_trace, read_spans)
+
+
+def test_sampled_busy_window_on_cpu_is_the_forward_share_of_that_window() -> None:
+    """The reference preset's sampled busy window, on the CPU path, with a
+    call of known forward passes: half of every 10 ms from 0 to 1.6 s."""
+    generate, spans = _cpu_call(forward_until_s=1.6)
+    measured = _measure_cpu(generate, spans, [0.5, 1.0])
+    busy = measured.busy
+    assert busy.method == "sampled 1 s from 0.5 s into the last timed call"
+    call_start = measured.timed.last_call[0]
+    # The lead-in of a sampled window is left out of it.
+    assert busy.lo == call_start + int((0.5 + measure.SAMPLE_LEAD_IN_S) * 1e9)
+    assert busy.hi == call_start + int(1.5e9)
+    assert busy.share == pytest.approx(0.5, abs=0.02)
+    assert measured.timed.walls[0] >= 1.6 and measured.timed.gen_tokens == 3
+
+
+def test_a_busy_window_without_a_forward_pass_is_an_error() -> None:
+    """A window that holds no forward pass (on a slow machine, a call still
+    in its setup) is an error, not a busy share of 0."""
+    generate, spans = _cpu_call(forward_until_s=0.2)
+    with pytest.raises(RuntimeError, match="no forward pass in the busy window"):
+        _measure_cpu(generate, spans, [0.5, 1.0])
+    # A forward pass reaching into the window counts.
+    busy = busy_from_spans([("forward", 0, 15)], 10, 30, "sampled")
+    assert busy.share == pytest.approx(0.25)

@@ -13,7 +13,9 @@ from vllm import SamplingParams
 
 from async_executor.cpu_setup import write_vllm_alias
 from tests.conftest import (
+    StepTracer,
     assert_overlapped,
+    assert_pipelined,
     assert_same_outputs,
     corpus_prompts,
     engine,
@@ -48,7 +50,10 @@ def test_vllm_console_script_starts() -> None:
     [pytest.param({}, id="default"), pytest.param({"decode_window": 4}, id="window4")],
 )
 def test_multiprocess_engine_is_exact(
-    tiny_model: str, settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    tiny_model: str,
+    settings: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    step_tracer: StepTracer,
 ) -> None:
     """vLLM's default engine runs EngineCore in its own process; the plugin
     is loaded there through the entry point and the counters come back over
@@ -60,9 +65,11 @@ def test_multiprocess_engine_is_exact(
         baseline = llm.generate(prompts, params, use_tqdm=False)
     with engine(tiny_model, ours=True, settings=settings) as llm:
         assert not hasattr(llm.llm_engine.engine_core, "engine_core"), "not multiprocess"
-        ours = llm.generate(prompts, params, use_tqdm=False)
+        ours, trace = step_tracer.call(llm, lambda: llm.generate(prompts, params, use_tqdm=False))
         from async_executor import pipeline_stats
 
         s = pipeline_stats(llm)
     assert_same_outputs(baseline, ours)
-    assert_overlapped(s, windows=bool(settings))
+    assert_pipelined(s, windows=bool(settings))
+    # EngineCore and the worker: two processes, neither of them this one.
+    assert_overlapped(trace)

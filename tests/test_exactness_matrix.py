@@ -15,7 +15,7 @@ from vllm import SamplingParams
 from vllm.sampling_params import StructuredOutputsParams
 
 from tests.conftest import (
-    assert_overlapped,
+    assert_pipelined,
     assert_same_outputs,
     corpus_prompts,
     engine,
@@ -117,7 +117,7 @@ def test_matches_sync_path(
             assert metric(llm, "vllm:num_preemptions") > 0, "no preemption forced"
     for extra, base, mine in zip(SAMPLING_PARAMS, baseline, results, strict=True):
         assert_same_outputs(base, mine, what=f"params={extra}")
-    assert_overlapped(s, windows=settings.get("decode_window", 1) > 1)
+    assert_pipelined(s, windows=settings.get("decode_window", 1) > 1)
 
 
 def test_deeper_pipeline_matches_sync_path(tiny_model: str) -> None:
@@ -129,5 +129,5 @@ def test_deeper_pipeline_matches_sync_path(tiny_model: str) -> None:
         s = stats(llm)
     for extra, base, mine in zip(SAMPLING_PARAMS, baseline, results, strict=True):
         assert_same_outputs(base, mine, what=f"params={extra}")
-    assert_overlapped(s, windows=True)
+    assert_pipelined(s, windows=True)
     assert s.max_in_flight == 3, s

@@ -12,7 +12,10 @@ import pytest
 from vllm import SamplingParams
 
 from tests.conftest import (
+    StepTracer,
+    assert_not_overlapped,
     assert_overlapped,
+    assert_pipelined,
     assert_same_outputs,
     corpus_prompts,
     engine,
@@ -56,21 +59,36 @@ def _vocab(model: str) -> int:
 @pytest.mark.parametrize(
     "settings",
     [
-        *PIPELINES,
+        *PIPELINES,  # on CPU the device stage is a worker process
+        pytest.param({"stage": "thread", "decode_window": 4}, id="thread-window4"),
         # The device stage on the engine thread, as on CUDA.
         pytest.param({"stage": "inline", "decode_window": 4}, id="inline-window4"),
     ],
 )
-def test_many_random_requests_in_one_call(tiny_model: str, settings: dict[str, Any]) -> None:
+def test_many_random_requests_in_one_call(
+    tiny_model: str, settings: dict[str, Any], step_tracer: StepTracer
+) -> None:
     prompts, params = _random_workload(_vocab(tiny_model))
     with engine(tiny_model, ours=False) as llm:
         baseline = generate(llm, prompts, params)
     with engine(tiny_model, ours=True, settings=settings) as llm:
-        ours = generate(llm, prompts, params)
+        ours, trace = step_tracer.call(llm, lambda: generate(llm, prompts, params))
         s = stats(llm)
     assert len(ours) == len(prompts) >= 100
     assert_same_outputs(baseline, ours)
-    assert_overlapped(s, windows=settings.get("decode_window", 1) > 1)
+    assert_pipelined(s, windows=settings.get("decode_window", 1) > 1)
+    if settings.get("stage") == "inline":
+        # On CPU the forward pass blocks the calling thread: inline, the
+        # engine thread runs every device step itself and nothing overlaps
+        # (on CUDA the launch returns before the kernels run). The counters
+        # above still see batches launched ahead of their predecessor's
+        # result on the host; that is launch order, not concurrency.
+        assert trace.threads(("prepare", "forward")) == trace.threads(("schedule",)), (
+            trace.summary()
+        )
+        assert_not_overlapped(trace)
+    else:
+        assert_overlapped(trace)
 
 
 def _frequent_tokens(outputs: list[Any], k: int) -> list[int]:
@@ -119,7 +137,7 @@ def test_stop_tokens_and_strings_end_requests_mid_batch(
         ours = generate(llm, prompts, per_request)
         s = stats(llm)
     assert_same_outputs(baseline, ours)
-    assert_overlapped(s, windows=bool(settings))
+    assert_pipelined(s, windows=bool(settings))
     # Requests stopped while later batches were in flight: their extra
     # tokens were computed and dropped.
     assert s.wasted_tokens_dropped > 0, s
@@ -141,7 +159,7 @@ def test_n_greater_than_one(tiny_model: str, settings: dict[str, Any]) -> None:
         s = stats(llm)
     assert all(len(o.outputs) in (2, 3) for o in ours)
     assert_same_outputs(baseline, ours)
-    assert_overlapped(s, windows=bool(settings))
+    assert_pipelined(s, windows=bool(settings))
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole-prefill", "chunked-prefill"])
@@ -168,7 +186,7 @@ def test_seeded_sampling(tiny_model: str, settings: dict[str, Any], chunked: boo
         ours = generate(llm, prompts, params)
         s = stats(llm)
     assert_same_outputs(baseline, ours)
-    assert_overlapped(s, windows=bool(settings))
+    assert_pipelined(s, windows=bool(settings))
     # Seeds matter: two seeds give two different continuations.
     assert baseline[0].outputs[0].token_ids != baseline[len(prompts) // 2].outputs[0].token_ids
 
@@ -217,7 +235,9 @@ def test_prompts_that_fill_max_model_len(tiny_model: str, settings: dict[str, An
 
 
 @pytest.mark.parametrize("window", [1, 4])
-def test_overlap_switch_off_runs_the_synchronous_loop(tiny_model: str, window: int) -> None:
+def test_overlap_switch_off_runs_the_synchronous_loop(
+    tiny_model: str, window: int, step_tracer: StepTracer
+) -> None:
     """`overlap=False`: the same executor, vLLM's synchronous step loop: no
     batch is launched ahead of its predecessor's result, outputs unchanged;
     decode windows still work (their steps run back to back)."""
@@ -230,11 +250,15 @@ def test_overlap_switch_off_runs_the_synchronous_loop(tiny_model: str, window: i
         config = llm.llm_engine.vllm_config
         assert config.scheduler_config.async_scheduling is False
         assert config.max_concurrent_batches == 1
-        ours = generate(llm, prompts, params)
+        ours, trace = step_tracer.call(llm, lambda: generate(llm, prompts, params))
         s = stats(llm)
     assert_same_outputs(baseline, ours)
     assert s.batches_launched > 0, s
     assert s.launched_before_predecessor_resolved == 0, s
     assert s.max_in_flight == 1, s
+    # The device stage is still a worker process, but the engine waits for
+    # each batch before it schedules the next.
+    assert trace.threads(("prepare",)) != trace.threads(("schedule",)), trace.summary()
+    assert_not_overlapped(trace)
     # Between batches nothing is carried over; inside a window it is.
     assert (s.windowed_batches > 0) == (window > 1), s

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,16 @@ from typing import Any
 import pytest
 from vllm import SamplingParams
 
+from async_executor import PipelineStats
 from async_executor.vllm_glue.executor import AsyncExecutor, AsyncMultiprocExecutor
-from tests.conftest import ENGINE_DEFAULTS, corpus_prompts, engine, generate, stats
+from tests.conftest import (
+    ENGINE_DEFAULTS,
+    corpus_prompts,
+    deterministic_windows,
+    engine,
+    generate,
+    stats,
+)
 from tests.serve_util import post, vllm_server
 
 PROMPTS = corpus_prompts(8)
@@ -103,16 +112,65 @@ def test_executor_flag_is_in_serve_help() -> None:
     assert "--executor NAME" in out.stdout, out.stderr[-2000:]
 
 
+def _stream(url: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    req = urllib.request.Request(
+        url,
+        data=json.dumps({**body, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        lines = resp.read().decode().splitlines()
+    events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-3:]
+    return [json.loads(event)["choices"][0] for event in events[:-1]]
+
+
+def _check_streaming(base: str, model: str, prompt: str) -> None:
+    """A streamed greedy completion delivers the same tokens as the
+    non-streamed one, completely, in order, and in more than one chunk.
+
+    Each chunk's `logprobs.tokens` lists the tokens it carries, so the stream
+    is checked token by token. Invariants: the chunks' tokens, concatenated,
+    are the non-streamed completion's tokens (a lost, repeated or reordered
+    token of a window fails this, as a truncated stream does), and so are
+    the texts; every chunk but the final one carries at least one token (not
+    always text: a special token decodes to none), so 2 <= chunks <= tokens.
+
+    Not invariants: a chunk per window of 4 tokens, or at most 4 tokens a
+    chunk: vLLM's API server merges the outputs its stream has not taken yet
+    (seen here even without windows), so a busy machine gets fewer, larger
+    chunks. The windows are proved by the counters instead. A single chunk
+    would take the server stalled for the whole completion, 128 tokens in
+    over 30 windows: that is a server that does not stream."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 128, "temperature": 0,
+            "ignore_eos": True, "logprobs": 1}  # fmt: skip
+    status, whole = post(base + "/v1/completions", body)
+    assert status == 200, whole
+    tokens = whole["choices"][0]["logprobs"]["tokens"]
+    assert len(tokens) == whole["usage"]["completion_tokens"] == 128, whole["usage"]
+
+    chunks = _stream(base + "/v1/completions", body)
+    per_chunk = [(c["logprobs"] or {}).get("tokens") or [] for c in chunks]
+    assert [t for chunk in per_chunk for t in chunk] == tokens, per_chunk
+    assert "".join(c["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert all(per_chunk[:-1]), per_chunk
+    assert [c["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 1), chunks
+    assert chunks[-1]["finish_reason"] == "length", chunks[-1]
+    assert 2 <= len(chunks) <= len(tokens), per_chunk
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_vllm_serve_with_executor_flag(tiny_model: str, tmp_path: Path) -> None:
     """The `vllm` console script starts a server on our executor (default
-    multiprocess engine), answers exactly like the synchronous path, turns a
-    bad request into a 400 and keeps serving."""
+    multiprocess engine) with decode windows of 4, answers exactly like the
+    synchronous path, streams, turns a bad request into a 400 and keeps
+    serving; its counters show the windows."""
     with engine(tiny_model, ours=False, max_model_len=256) as llm:
         expected = [o.outputs[0].text for o in generate(llm, PROMPTS, PARAMS)]
 
-    with vllm_server(tiny_model, tmp_path / "serve.log", pipeline={"decode_window": 4}) as server:
+    pipeline = deterministic_windows({"decode_window": 4})
+    with vllm_server(tiny_model, tmp_path / "serve.log", pipeline=pipeline) as server:
         base = server.base
         got = []
         for prompt in PROMPTS:
@@ -145,26 +203,17 @@ def test_vllm_serve_with_executor_flag(tiny_model: str, tmp_path: Path) -> None:
         )
         assert status == 200 and body["choices"][0]["text"] == expected[0], body
 
-        # Streaming: the tokens arrive in chunks, the text is the same.
-        req = urllib.request.Request(
-            base + "/v1/completions",
-            data=json.dumps({"model": tiny_model, "prompt": PROMPTS[1], "max_tokens": 16,
-                             "temperature": 0, "stream": True}).encode(),
-            headers={"Content-Type": "application/json"},
-        )  # fmt: skip
-        chunks = []
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            for line in resp.read().decode().splitlines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    chunks.append(json.loads(line[6:])["choices"][0]["text"])
-        assert len(chunks) > 1 and "".join(chunks) == expected[1], chunks
+        _check_streaming(base, tiny_model, PROMPTS[1])
 
         status, body = post(base + "/collective_rpc", {"method": "async_executor_stats"})
         assert status == 200, body
-        counters = body["results"][0]
-        assert counters["batches_launched"] > 0, counters
-        assert counters["launched_before_predecessor_resolved"] > 0, counters
-        assert counters["carry_over_tokens"] > 0, counters
+        counters = PipelineStats(**body["results"][0])
+        assert counters.batches_launched > 0, counters
+        assert counters.launched_before_predecessor_resolved > 0, counters
+        assert counters.carry_over_tokens > 0, counters
+        # The served run opened decode windows of the configured size.
+        assert counters.windowed_batches > 0, counters
+        assert counters.window_sizes.get(4, 0) > 0, counters
 
 
 @pytest.mark.e2e
