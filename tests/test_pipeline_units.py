@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 def test_settings_defaults_and_env_fallback() -> None:
     s = PipelineSettings.from_mapping({}, env={})
-    assert (s.depth, s.overlap, s.decode_window, s.stage) == (2, True, 1, "auto")
+    assert (s.depth, s.overlap, s.decode_window, s.stage) == (2, True, 2, "auto")
     env = {"ASYNC_EXECUTOR_DEPTH": "3", "ASYNC_EXECUTOR_OVERLAP": "off"}
     s = PipelineSettings.from_mapping({"decode_window": 8}, env=env)
     assert (s.depth, s.overlap, s.decode_window) == (3, False, 8)
