@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # One GPU session: the runs behind benchmarks/RESULTS.md, one run id.
 # Usage on the GPU host (after `source .gpukit/device.sh`), detached:
-#   setsid nohup bash benchmarks/gpu_session.sh OUTDIR > OUTDIR.log 2>&1 &
+#   setsid nohup bash benchmarks/gpu_session.sh $HOME/res > $HOME/res.log 2>&1 &
+# Not into the device tool's $OUT (/root/out there): it is emptied at every
+# call, under a running session. Each poll copies a tarball into $OUT.
+# Stop a session with `pkill -f "bash benchmarks/gpu_sessio[n]"` and
+# `pkill -9 -f "VLLM:[:]"` (the engine processes rename themselves; the
+# brackets keep pkill from matching its own command line), and check that
+# nvidia-smi shows the memory freed before starting the next one.
 # Ordered by what matters most if the session's device time runs out; each
 # step runs even if an earlier one failed. STEPS (default: all) picks steps.
 set -u

@@ -99,6 +99,19 @@ def _expected_series(s: PipelineStats) -> dict[str, float]:
 # -- units ----------------------------------------------------------------
 
 
+def test_every_counter_has_a_series() -> None:
+    """A counter added to PipelineStats reaches /metrics too."""
+    from dataclasses import fields
+
+    from async_executor.pipeline import metrics
+    from async_executor.pipeline.counters import PipelineStats
+
+    exported = {
+        spec.field for spec in (*metrics.COUNTERS, metrics.MAX_IN_FLIGHT, metrics.WINDOW_SIZE)
+    }
+    assert {f.name for f in fields(PipelineStats)} == exported
+
+
 def test_window_size_buckets_are_cumulative_up_to_inf() -> None:
     buckets = window_size_buckets({1: 5, 3: 3, 4: 12, 64: 2})
     assert buckets == [

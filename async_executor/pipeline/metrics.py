@@ -70,6 +70,11 @@ COUNTERS = (
         "Batches that ran a decode window of more than one device step.",
     ),
     MetricSpec(
+        "async_executor_device_windows",
+        "device_windows",
+        "Windows whose steps after the first were advanced on the device alone.",
+    ),
+    MetricSpec(
         "async_executor_wasted_tokens",
         "wasted_tokens_dropped",
         "Tokens computed for a request that had already stopped, dropped on the host.",
