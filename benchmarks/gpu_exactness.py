@@ -144,14 +144,28 @@ def _workloads(model_dir: Path, vocab: int, args: argparse.Namespace) -> dict[st
     # vLLM takes the primary EOS from the tokenizer: declare it there too.
     write_word_tokenizer(model_dir, vocab, eos=f"w{common[0]}")
     (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": common[0]}))
-    stop_words = [f" w{t} " for t in common[1:6]]
-    greedy = [
-        SamplingParams(
-            temperature=0.0, max_tokens=64, stop=stop_words if i % 2 else None,
-            logprobs=3 if i % 3 == 0 else None,
-        )
-        for i in range(64)
-    ]  # fmt: skip
+
+    # Per request, a token of its own probe output that it has not produced
+    # before, at a position drawn in 4..48: a third of the requests stop on
+    # it as a stop token, a third on it as a stop string (the word-level
+    # tokenizer spells token t as "wt"), a third run to EOS or length.
+    def own_stop(tokens: list[int]) -> int | None:
+        at = rng.randint(4, min(48, max(4, len(tokens) - 1)))
+        fresh = [i for i in range(at, len(tokens)) if tokens[i] not in tokens[:i]]
+        return tokens[fresh[0]] if fresh else None
+
+    greedy = []
+    for i, out in enumerate(probe):
+        stop = own_stop(list(out.outputs[0].token_ids))
+        kind = i % 3 if stop is not None else 2
+        greedy.append(
+            SamplingParams(
+                temperature=0.0, max_tokens=64,
+                stop_token_ids=[stop] if kind == 0 and stop is not None else None,
+                stop=[f" w{stop} "] if kind == 1 else None,
+                logprobs=3 if i % 4 == 0 else None,
+            )
+        )  # fmt: skip
     seeded = [
         SamplingParams(temperature=0.8, top_p=0.9, seed=1000 + i, max_tokens=48, ignore_eos=True)
         for i in range(32)
