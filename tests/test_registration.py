@@ -168,6 +168,15 @@ def test_vllm_serve_with_executor_flag(tiny_model: str, tmp_path: Path) -> None:
     serving; its counters show the windows."""
     with engine(tiny_model, ours=False, max_model_len=256) as llm:
         expected = [o.outputs[0].text for o in generate(llm, PROMPTS, PARAMS)]
+        # A stop string from the middle of an unstopped greedy completion, so
+        # that the streamed request stops inside a window.
+        long = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+        (full,) = generate(llm, [PROMPTS[2]], long)
+        words = full.outputs[0].text.split()
+        stop = " " + words[len(words) // 2]
+        stop_params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, stop=[stop])
+        (stopped,) = generate(llm, [PROMPTS[2]], stop_params)
+        assert stopped.outputs[0].finish_reason == "stop", stopped.outputs[0]
 
     pipeline = deterministic_windows({"decode_window": 4})
     with vllm_server(tiny_model, tmp_path / "serve.log", pipeline=pipeline) as server:
@@ -204,6 +213,13 @@ def test_vllm_serve_with_executor_flag(tiny_model: str, tmp_path: Path) -> None:
         assert status == 200 and body["choices"][0]["text"] == expected[0], body
 
         _check_streaming(base, tiny_model, PROMPTS[1])
+
+        # A stop string cuts a stream where vLLM's synchronous path cuts it.
+        body = {"model": tiny_model, "prompt": PROMPTS[2], "max_tokens": 48,
+                "temperature": 0, "ignore_eos": True, "stop": [stop]}  # fmt: skip
+        chunks = _stream(base + "/v1/completions", body)
+        assert "".join(c["text"] for c in chunks) == stopped.outputs[0].text, chunks
+        assert chunks[-1]["finish_reason"] == "stop", chunks[-1]
 
         status, body = post(base + "/collective_rpc", {"method": "async_executor_stats"})
         assert status == 200, body
