@@ -61,7 +61,9 @@ def _generate(model: str, ours: bool, settings: dict[str, Any]) -> tuple[list[An
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     stats = async_executor.pipeline_stats(llm) if ours else None
-    llm.llm_engine.engine_core.shutdown()
+    # A graceful window long enough for a busy machine: vLLM kills an engine
+    # process that is still tearing down after 5 s, leaking its shared memory.
+    llm.llm_engine.engine_core.shutdown(timeout=60)
     return outputs, elapsed, stats
 
 

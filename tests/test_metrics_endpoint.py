@@ -214,7 +214,7 @@ def test_exporter_offers_changes_until_delivered_and_flushes_on_stop() -> None:
     assert len(sink.offered) == 3
     exporter.export_now()  # delivered and unchanged: not offered
     assert len(sink.offered) == 3
-    counters.launched(ahead=True, carried=2, device_steps=4, in_flight=2)
+    counters.launched(ahead=True, device_steps=4, in_flight=2)
     exporter.stop()  # the last change reaches the sink before it closes
     assert sink.offered[-1] == counters.snapshot() and sink.closed
     assert sink.offered[-1].window_sizes == {4: 1}
