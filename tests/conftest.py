@@ -21,6 +21,11 @@ import pytest
 
 # Fast in-process engines unless a test asks for the multiprocess one.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# Worker processes are spawned, not forked: the test process is long-lived and
+# has threads (step-trace flushers, tqdm's monitor, engines of earlier tests);
+# a fork while one of them holds a lock left a worker blocked at start-up
+# once in a full run (until pytest-timeout).
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
