@@ -44,6 +44,7 @@ from async_executor.pipeline.counters import counters_for, release_counters
 from async_executor.pipeline.in_flight import InFlightBatch, InFlightTracker
 from async_executor.pipeline.stage import DeviceStage
 from async_executor.settings import PipelineSettings
+from async_executor.vllm_glue.compatibility import IN_PROCESS_EXECUTOR, MULTIPROC_EXECUTOR
 from async_executor.vllm_glue.cpu_runner import install_cpu_runner_fixes
 from async_executor.vllm_glue.engine_config import apply_pipeline_config, resolve_stage
 from async_executor.vllm_glue.window_steps import ran_on_device, window_of
@@ -189,17 +190,10 @@ class AsyncExecutor(_Pipeline, UniProcExecutor):
 
     def _init_executor(self) -> None:
         self.settings = PipelineSettings.from_vllm_config(self.vllm_config)
+        apply_pipeline_config(self.vllm_config, self.settings, IN_PROCESS_EXECUTOR)
         stage = resolve_stage(self.settings, self.vllm_config)
-        if stage == "process" and self.settings.stage == "auto":
-            # This class keeps the worker in the engine process.
+        if stage == "process":  # stage "auto" on CPU: this class keeps the worker here
             stage = "thread"
-        if stage == "process":
-            raise ValueError(
-                "stage='process' runs the worker in its own process: select the "
-                "executor by name (async_executor) or as "
-                "async_executor.vllm_glue.executor.AsyncMultiprocExecutor"
-            )
-        apply_pipeline_config(self.vllm_config, self.settings)
         super()._init_executor()
         install_cpu_runner_fixes(self.driver_worker.worker.model_runner)
         device = torch.device(str(self.vllm_config.device_config.device))
@@ -260,7 +254,7 @@ class AsyncMultiprocExecutor(_Pipeline, MultiprocExecutor):
 
     def _init_executor(self) -> None:
         self.settings = PipelineSettings.from_vllm_config(self.vllm_config)
-        apply_pipeline_config(self.vllm_config, self.settings)
+        apply_pipeline_config(self.vllm_config, self.settings, MULTIPROC_EXECUTOR)
         super()._init_executor()
         MultiprocExecutor.collective_rpc(self, _install_fixes_in_worker)
         self._init_pipeline()
