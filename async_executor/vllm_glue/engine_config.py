@@ -52,18 +52,15 @@ def executor_class_for(vllm_config: Any) -> type:
     return AsyncMultiprocExecutor if stage == "process" else AsyncExecutor
 
 
-def apply_pipeline_config(vllm_config: Any, settings: PipelineSettings) -> None:
-    if vllm_config.parallel_config.pipeline_parallel_size > 1:
-        raise ValueError(
-            "async_executor does not support pipeline parallelism "
-            f"(pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size})"
-        )
-    if vllm_config.parallel_config.world_size > 1:
-        raise ValueError(
-            "async_executor runs one worker; "
-            f"tensor_parallel_size={vllm_config.parallel_config.tensor_parallel_size} "
-            "is not supported yet"
-        )
+def apply_pipeline_config(vllm_config: Any, settings: PipelineSettings, executor: str) -> None:
+    """`executor`: the class name of the executor being built (compatibility.py)."""
+    from async_executor.vllm_glue.compatibility import deployment_of_config, refuse
+
+    # The front end refused these already (registration.py); this catches
+    # engines built from a VllmConfig without EngineArgs.
+    deployment = deployment_of_config(vllm_config, executor)
+    assert deployment is not None
+    refuse(deployment)
     scheduler_config = vllm_config.scheduler_config
     scheduler_config.async_scheduling = settings.overlap
 

@@ -16,6 +16,16 @@ the previous batch is still sampling are gathered from its device output. A
 decode window is one worker call for all its steps
 (`window_worker.run_window`), which returns one output.
 
+Faults end the engine, as in vLLM's own executors, and never hang it: a
+device step's exception reaches the engine from the batch it belongs to (a
+one-step batch's `execute_model` error is raised by its sampling, where the
+engine waits); a step that does not finish within vLLM's
+`VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS` raises `DeviceStepTimeout` (the worker
+process stage through vLLM's message queue, the thread stage through
+`DeviceStage.wait`; an inline step runs on the engine thread and cannot be
+timed out, as with vLLM's uniproc executor); a worker process that dies
+fails the batches in flight with an error that says so.
+
 Two device stages, one pipeline (`_Pipeline`):
 - `AsyncExecutor`: the worker in the engine process, its steps on a
   dedicated thread (`stage="thread"`) or on the engine thread (`"inline"`;
@@ -42,10 +52,12 @@ from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
 from async_executor.pipeline.counters import counters_for, release_counters
 from async_executor.pipeline.in_flight import InFlightBatch, InFlightTracker
-from async_executor.pipeline.stage import DeviceStage
+from async_executor.pipeline.stage import DeviceStage, StageTimeout
 from async_executor.settings import PipelineSettings
+from async_executor.vllm_glue.compatibility import IN_PROCESS_EXECUTOR, MULTIPROC_EXECUTOR
 from async_executor.vllm_glue.cpu_runner import install_cpu_runner_fixes
 from async_executor.vllm_glue.engine_config import apply_pipeline_config, resolve_stage
+from async_executor.vllm_glue.handoff import detach_grammar_output, detach_scheduler_output
 from async_executor.vllm_glue.window_steps import ran_on_device, window_of
 from async_executor.vllm_glue.window_worker import run_window, to_host
 
@@ -54,6 +66,19 @@ STATS_RPC = "async_executor_stats"
 
 # A worker call: a worker method's name, or a function of (worker, arg).
 WorkerCall = str | Callable[[Any, Any], Any]
+
+TIMEOUT_ENV = "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"
+
+
+class DeviceStepTimeout(TimeoutError):
+    """A device step did not finish in time: the device stage is hung."""
+
+
+def _timeout_error(timeout_s: float) -> DeviceStepTimeout:
+    return DeviceStepTimeout(
+        f"async_executor: a device step did not finish within {timeout_s:g} s "
+        f"({TIMEOUT_ENV}); the device stage is hung and the engine stops"
+    )
 
 
 class ResolvingFuture(Future[Any]):
@@ -76,6 +101,13 @@ class ResolvingFuture(Future[Any]):
         return super().result(timeout)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Launched:
+    job: Future[Any]
+    window: bool
+    in_flight: InFlightBatch | None
+
+
 def _done(value: Any) -> Future[Any]:
     future: Future[Any] = Future()
     future.set_result(value)
@@ -86,7 +118,9 @@ class _Pipeline:
     """The pipeline over a device stage that runs worker calls in order.
 
     Subclasses provide `_submit(call, arg) -> Future` (a worker call on the
-    device stage; the future's value may still be an AsyncModelRunnerOutput).
+    device stage; the future's value may still be an AsyncModelRunnerOutput)
+    and `_wait(job)` (its value; raises the step's error, a timeout, or the
+    loss of the worker).
     """
 
     vllm_config: Any
@@ -95,16 +129,20 @@ class _Pipeline:
     def _init_pipeline(self) -> None:
         self.counters = counters_for(self.vllm_config)
         self.tracker = InFlightTracker(self.counters)
-        # The batch launched by execute_model whose sampling is next.
-        self._launched: tuple[Future[Any] | None, InFlightBatch | None] | None = None
+        # The batch launched by execute_model whose sampling is next: its
+        # job (the whole window, or a one-step batch's execute_model).
+        self._launched: _Launched | None = None
 
     def _submit(self, call: WorkerCall, arg: Any) -> Future[Any]:
         raise NotImplementedError
 
+    def _wait(self, job: Future[Any]) -> Any:
+        raise NotImplementedError
+
     @property
-    def _copies_grammar(self) -> bool:
-        """Whether the device stage reads the grammar output after the
-        engine has moved on (an in-process thread)."""
+    def _hands_off(self) -> bool:
+        """Whether the device stage reads a batch after the engine thread
+        has moved on, in the engine's process (`handoff.py`)."""
         return False
 
     def execute_model(  # type: ignore[override]
@@ -114,15 +152,17 @@ class _Pipeline:
         in_flight = None
         if scheduler_output.total_num_scheduled_tokens:
             in_flight = self.tracker.launch(device_steps=window)
+        if self._hands_off:
+            scheduler_output = detach_scheduler_output(scheduler_output)
         if window > 1:
             # The whole window in one worker call; sample_tokens hands out
             # its output (a window never has a grammar to apply).
             job = self._submit(run_window, scheduler_output)
-            self._launched = (job, in_flight)
+            self._launched = _Launched(job, True, in_flight)
             future: Future[Any] = _done(None)
         else:
             job = self._submit("execute_model", scheduler_output)
-            self._launched = (None, in_flight)
+            self._launched = _Launched(job, False, in_flight)
             future = ResolvingFuture(functools.partial(self._resolve_execute, job, in_flight))
         if not non_block:
             return future.result()
@@ -132,7 +172,7 @@ class _Pipeline:
         return future
 
     def _resolve_execute(self, job: Future[Any], in_flight: InFlightBatch | None) -> Any:
-        output = to_host(job.result())
+        output = to_host(self._wait(job))
         if output is not None and in_flight is not None:
             # No sampling step follows (pooling, nothing to sample).
             self.tracker.resolve(in_flight)
@@ -144,24 +184,27 @@ class _Pipeline:
         launched, self._launched = self._launched, None
         if launched is None:
             raise RuntimeError("sample_tokens called without a preceding execute_model")
-        job, in_flight = launched
-        if job is not None:
+        if launched.window:
             if grammar_output is not None:
                 raise RuntimeError("a decode window was given a grammar bitmask")
+            executed, job = None, launched.job
         else:
-            if grammar_output is not None and self._copies_grammar:
-                # Hazard: the bitmask is a view of the structured-output
-                # manager's reusable buffer, which the engine thread refills
-                # for the next batch while this one still waits on the stage.
-                grammar_output = dataclasses.replace(
-                    grammar_output, grammar_bitmask=grammar_output.grammar_bitmask.copy()
-                )
-            job = self._submit("sample_tokens", grammar_output)
-        future = ResolvingFuture(functools.partial(self._resolve_sample, job, in_flight))
+            if self._hands_off:
+                grammar_output = detach_grammar_output(grammar_output)
+            executed, job = launched.job, self._submit("sample_tokens", grammar_output)
+        resolve = functools.partial(self._resolve_sample, executed, job, launched.in_flight)
+        future = ResolvingFuture(resolve)
         return future if non_block else future.result()
 
-    def _resolve_sample(self, job: Future[Any], in_flight: InFlightBatch | None) -> Any:
-        output = to_host(job.result())
+    def _resolve_sample(
+        self, executed: Future[Any] | None, job: Future[Any], in_flight: InFlightBatch | None
+    ) -> Any:
+        if executed is not None:
+            # A failed execute_model leaves vLLM's runner nothing to sample,
+            # and its sample_tokens answers with an empty output that the
+            # engine would take for the batch's: raise the cause instead.
+            self._wait(executed)
+        output = to_host(self._wait(job))
         if in_flight is not None:
             self.tracker.resolve(in_flight)
             if in_flight.device_steps > 1 and ran_on_device(output):
@@ -189,17 +232,10 @@ class AsyncExecutor(_Pipeline, UniProcExecutor):
 
     def _init_executor(self) -> None:
         self.settings = PipelineSettings.from_vllm_config(self.vllm_config)
+        apply_pipeline_config(self.vllm_config, self.settings, IN_PROCESS_EXECUTOR)
         stage = resolve_stage(self.settings, self.vllm_config)
-        if stage == "process" and self.settings.stage == "auto":
-            # This class keeps the worker in the engine process.
+        if stage == "process":  # stage "auto" on CPU: this class keeps the worker here
             stage = "thread"
-        if stage == "process":
-            raise ValueError(
-                "stage='process' runs the worker in its own process: select the "
-                "executor by name (async_executor) or as "
-                "async_executor.vllm_glue.executor.AsyncMultiprocExecutor"
-            )
-        apply_pipeline_config(self.vllm_config, self.settings)
         super()._init_executor()
         install_cpu_runner_fixes(self.driver_worker.worker.model_runner)
         device = torch.device(str(self.vllm_config.device_config.device))
@@ -210,6 +246,13 @@ class AsyncExecutor(_Pipeline, UniProcExecutor):
         self.stage = DeviceStage(stage == "thread", initializer=initializer)
         self._init_pipeline()
 
+    def _wait(self, job: Future[Any]) -> Any:
+        timeout_s = float(envs.VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS)
+        try:
+            return self.stage.wait(job, timeout_s)
+        except StageTimeout:
+            raise _timeout_error(timeout_s) from None
+
     def _submit(self, call: WorkerCall, arg: Any) -> Future[Any]:
         worker = self.driver_worker
         if isinstance(call, str):
@@ -217,7 +260,7 @@ class AsyncExecutor(_Pipeline, UniProcExecutor):
         return self.stage.submit(call, worker, arg)
 
     @property
-    def _copies_grammar(self) -> bool:
+    def _hands_off(self) -> bool:
         return self.stage.threaded
 
     def collective_rpc(  # type: ignore[override]
@@ -244,7 +287,8 @@ class AsyncExecutor(_Pipeline, UniProcExecutor):
     def shutdown(self) -> None:
         stage = getattr(self, "stage", None)
         if stage is not None:
-            stage.shutdown()
+            # A hung stage is left behind (a daemon thread), not waited for.
+            stage.shutdown(timeout_s=float(envs.VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS))
         self._release_pipeline()
         if worker := self.driver_worker:
             worker.shutdown()
@@ -260,7 +304,7 @@ class AsyncMultiprocExecutor(_Pipeline, MultiprocExecutor):
 
     def _init_executor(self) -> None:
         self.settings = PipelineSettings.from_vllm_config(self.vllm_config)
-        apply_pipeline_config(self.vllm_config, self.settings)
+        apply_pipeline_config(self.vllm_config, self.settings, MULTIPROC_EXECUTOR)
         super()._init_executor()
         MultiprocExecutor.collective_rpc(self, _install_fixes_in_worker)
         self._init_pipeline()
@@ -276,6 +320,32 @@ class AsyncMultiprocExecutor(_Pipeline, MultiprocExecutor):
             kv_output_aggregator=self.kv_output_aggregator,
             ec_output_aggregator=self.ec_output_aggregator,
         )
+
+    def _wait(self, job: Future[Any]) -> Any:
+        # The job's deadline was set when it was sent (`_submit`).
+        try:
+            return job.result()
+        except TimeoutError as exc:
+            raise _timeout_error(float(envs.VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS)) from exc
+        except Exception as exc:
+            if not self.is_failed:
+                raise
+            # vLLM's worker monitor saw a worker process die and shut the
+            # queues down; the wait itself reports only "cancelled".
+            raise RuntimeError(
+                f"async_executor: the worker process died ({self._worker_exits()}) "
+                "while a batch was in flight; the engine stops"
+            ) from exc
+
+    def _worker_exits(self) -> str:
+        exits = []
+        for handle in getattr(self, "workers", None) or []:
+            code = handle.proc.exitcode
+            if code is not None and code < 0:
+                exits.append(f"{handle.proc.name} killed by signal {-code}")
+            elif code is not None:
+                exits.append(f"{handle.proc.name} exit code {code}")
+        return ", ".join(exits) or "exit status unknown"
 
     def collective_rpc(  # type: ignore[override]
         self, method: str | Callable[..., Any], *args: Any, **kwargs: Any

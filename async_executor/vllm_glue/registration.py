@@ -6,10 +6,15 @@ workers) and, for `vllm serve`, before it builds the argument parser. It:
   unknown short name into an error that lists the valid ones;
 - adds `--executor NAME` to vLLM's engine flags (the same setting as
   `--distributed-executor-backend`);
+- refuses, in the front end, what the pipeline cannot run
+  (`compatibility.py`): `EngineArgs.create_engine_config` is where every
+  front end (`LLM`, `vllm serve`, `AsyncLLM.from_engine_args`) builds the
+  config, before any engine process starts; the check runs on the arguments
+  before vLLM's own validation and again on the config vLLM resolved;
 - with `ASYNC_EXECUTOR_TRACE=1`, installs the step tracer (`tracing.py`);
 - has new pipeline counters exported for `/metrics` (`metrics.py`; the
   module is imported only when an engine creates its counters).
-Both wrap vLLM functions by delegation; nothing in vLLM's files changes.
+All wrap vLLM functions by delegation; nothing in vLLM's files changes.
 Importing this module must stay cheap: it runs in every vLLM process.
 """
 
@@ -101,6 +106,27 @@ def _wrap_cli_args() -> None:
     EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]
 
 
+def _wrap_create_engine_config() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, _MARK, False):
+        return
+
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        from async_executor.vllm_glue import compatibility
+
+        if (asked := compatibility.deployment_of_engine_args(self)) is not None:
+            compatibility.refuse(asked)
+        config = original(self, *args, **kwargs)
+        if (resolved := compatibility.deployment_of_config(config)) is not None:
+            compatibility.refuse(resolved)
+        return config
+
+    setattr(create_engine_config, _MARK, True)
+    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
+
+
 def _start_metrics_export(config: object, counters: Any) -> Any:
     from async_executor.vllm_glue.metrics import start_export
 
@@ -110,6 +136,7 @@ def _start_metrics_export(config: object, counters: Any) -> Any:
 def register() -> None:
     _wrap_get_class()
     _wrap_cli_args()
+    _wrap_create_engine_config()
     from async_executor.pipeline.counters import on_counters_created
 
     on_counters_created(_start_metrics_export)
