@@ -52,17 +52,26 @@ def executor_class_for(vllm_config: Any) -> type:
     return AsyncMultiprocExecutor if stage == "process" else AsyncExecutor
 
 
-def apply_pipeline_config(vllm_config: Any, settings: PipelineSettings) -> None:
-    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+def apply_pipeline_config(vllm_config: Any, settings: PipelineSettings, stage: str) -> None:
+    """`stage` is where this executor runs the worker: "process" (one worker
+    process per rank) or an in-process stage ("thread", "inline")."""
+    parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        # vLLM refuses PP itself for an executor given by name; a class
+        # inherits MultiprocExecutor.supports_pp and gets here.
         raise ValueError(
             "async_executor does not support pipeline parallelism "
-            f"(pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size})"
+            f"(pipeline_parallel_size={parallel.pipeline_parallel_size}): a decode "
+            "window runs every running request step after step, each step needing "
+            "the previous step's sampled ids on the first stage at once, while "
+            "vLLM's pipeline splits the requests into micro-batches whose sampled "
+            "ids reach the first stage pipeline_parallel_size steps later"
         )
-    if vllm_config.parallel_config.world_size > 1:
+    if parallel.world_size > 1 and stage != "process":
         raise ValueError(
-            "async_executor runs one worker; "
-            f"tensor_parallel_size={vllm_config.parallel_config.tensor_parallel_size} "
-            "is not supported yet"
+            f"async_executor with stage={stage!r} runs one worker in the engine "
+            f"process; tensor_parallel_size={parallel.tensor_parallel_size} needs "
+            "a worker process per rank: use stage='process'"
         )
     scheduler_config = vllm_config.scheduler_config
     scheduler_config.async_scheduling = settings.overlap

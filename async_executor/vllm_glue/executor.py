@@ -199,7 +199,7 @@ class AsyncExecutor(_Pipeline, UniProcExecutor):
                 "executor by name (async_executor) or as "
                 "async_executor.vllm_glue.executor.AsyncMultiprocExecutor"
             )
-        apply_pipeline_config(self.vllm_config, self.settings)
+        apply_pipeline_config(self.vllm_config, self.settings, stage)
         super()._init_executor()
         install_cpu_runner_fixes(self.driver_worker.worker.model_runner)
         device = torch.device(str(self.vllm_config.device_config.device))
@@ -260,8 +260,9 @@ class AsyncMultiprocExecutor(_Pipeline, MultiprocExecutor):
 
     def _init_executor(self) -> None:
         self.settings = PipelineSettings.from_vllm_config(self.vllm_config)
-        apply_pipeline_config(self.vllm_config, self.settings)
+        apply_pipeline_config(self.vllm_config, self.settings, "process")
         super()._init_executor()
+        # Every rank: without unique_reply_rank the call reaches all workers.
         MultiprocExecutor.collective_rpc(self, _install_fixes_in_worker)
         self._init_pipeline()
 
