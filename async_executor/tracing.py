@@ -170,6 +170,14 @@ def flush() -> None:
 def read_span_files(directory: str | Path) -> list[tuple[str, int, int, int]]:
     spans: list[tuple[str, int, int, int]] = []
     for path in Path(directory).glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            spans.extend(tuple(s) for s in json.loads(line))  # type: ignore[misc]
+        spans.extend(read_span_file(path))
+    return spans
+
+
+def read_span_file(path: str | Path) -> list[tuple[str, int, int, int]]:
+    """The spans of one process (its file is named by its pid). A line
+    still being written by a live process (no newline yet) is left out."""
+    spans: list[tuple[str, int, int, int]] = []
+    for line in Path(path).read_text().split("\n")[:-1]:
+        spans.extend(tuple(s) for s in json.loads(line))  # type: ignore[misc]
     return spans

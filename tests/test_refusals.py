@@ -54,18 +54,10 @@ REFUSED = [
         id="pipeline-parallel",
     ),
     pytest.param(
-        {"tensor_parallel_size": 2},
-        [
-            "tensor parallelism (tensor_parallel_size / --tensor-parallel-size = 2)",
-            DEFAULT_EXECUTOR,
-        ],
-        id="tensor-parallel",
-    ),
-    pytest.param(
         {"tensor_parallel_size": 2, **_stage("thread")},
         [
             "tensor parallelism (tensor_parallel_size / --tensor-parallel-size = 2)",
-            DEFAULT_EXECUTOR,
+            "needs the device stage 'process'",
         ],
         id="tensor-parallel-thread-stage",
     ),
@@ -107,7 +99,7 @@ REFUSED = [
         id="inline-stage-in-worker-process-executor",
     ),
     pytest.param(
-        {"tensor_parallel_size": 2, "speculative_config": NGRAM},
+        {"tensor_parallel_size": 2, **_stage("thread"), "speculative_config": NGRAM},
         ["speculative decoding", "tensor parallelism"],
         id="every-problem-at-once",
     ),
@@ -155,7 +147,7 @@ def _stock_config(tiny_model: str, **kwargs: Any) -> Any:
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        pytest.param({"tensor_parallel_size": 2}, "tensor parallelism", id="tensor-parallel"),
+        pytest.param({"pipeline_parallel_size": 2}, "pipeline parallelism", id="pipeline-parallel"),
         pytest.param({"speculative_config": NGRAM}, "speculative decoding", id="speculative"),
         pytest.param({"data_parallel_size": 2}, "data parallelism", id="data-parallel"),
     ],
@@ -198,12 +190,12 @@ def test_supported_configurations_pass(tiny_model: str, kwargs: dict[str, Any]) 
     assert deployment is not None and unsupported(deployment) == []
 
 
-def test_device_rule_and_relaxing_tensor_parallelism(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_device_rule_and_tensor_parallel_stages() -> None:
     xpu = Deployment(executor=IN_PROCESS_EXECUTOR, stage_setting="auto", device="xpu")
     (problem,) = unsupported(xpu)
     assert "the device type is 'xpu'" in problem and DEFAULT_EXECUTOR in problem
-    # Lifting the tensor-parallel refusal for one stage is one switch.
-    monkeypatch.setattr(compatibility, "TENSOR_PARALLEL_STAGES", frozenset({"process"}))
+    # Tensor parallelism runs on the process stage (one worker process per rank).
+    assert frozenset({"process"}) == compatibility.TENSOR_PARALLEL_STAGES
     on_process = Deployment(MULTIPROC_EXECUTOR, "auto", "cuda", tensor_parallel_size=2)
     on_thread = Deployment(IN_PROCESS_EXECUTOR, "thread", "cuda", tensor_parallel_size=2)
     assert unsupported(on_process) == []
@@ -249,9 +241,9 @@ def test_serve_front_end_refuses_data_parallelism(tiny_model: str) -> None:
     "flags,message",
     [
         pytest.param(
-            ["--tensor-parallel-size", "2"],
-            "tensor parallelism (tensor_parallel_size / --tensor-parallel-size = 2)",
-            id="tensor-parallel",
+            ["--pipeline-parallel-size", "2"],
+            "pipeline parallelism (pipeline_parallel_size / --pipeline-parallel-size = 2)",
+            id="pipeline-parallel",
         ),
         pytest.param(
             ["--data-parallel-size", "2"],

@@ -19,9 +19,9 @@ from typing import Any
 
 from async_executor.settings import CONFIG_KEY, PipelineSettings
 
-# The device stages that run a tensor-parallel worker group. Empty: every
-# stage runs one worker.
-TENSOR_PARALLEL_STAGES: frozenset[str] = frozenset()
+# The device stages that run a tensor-parallel worker group: one worker
+# process per rank, each receiving every batch and window.
+TENSOR_PARALLEL_STAGES: frozenset[str] = frozenset({"process"})
 
 # Devices whose runners the pipeline drives (CUDA covers ROCm).
 SUPPORTED_DEVICES = ("cpu", "cuda")
@@ -142,8 +142,11 @@ def unsupported(d: Deployment) -> list[str]:
     if d.pipeline_parallel_size > 1:
         problems.append(
             f"pipeline parallelism (pipeline_parallel_size / --pipeline-parallel-size = "
-            f"{d.pipeline_parallel_size}) is not supported: each step runs on one worker; "
-            f"use {_DEFAULT_EXECUTOR}"
+            f"{d.pipeline_parallel_size}) is not supported: a decode window runs every "
+            "running request step after step, each step needing the previous step's sampled "
+            "ids on the first stage at once, while vLLM's pipeline splits the requests into "
+            "micro-batches whose sampled ids reach the first stage pipeline_parallel_size "
+            f"steps later; use {_DEFAULT_EXECUTOR}"
         )
     if d.tensor_parallel_size > 1 and d.stage not in TENSOR_PARALLEL_STAGES:
         setting = (
@@ -227,13 +230,23 @@ def executor_kind(backend: Any) -> str | None:
     return None
 
 
-def _executor(kind: str, settings: PipelineSettings, device: str) -> str:
+def default_stage(device: str, world_size: int) -> str:
+    """The stage `auto` picks. CPU: the forward pass holds the calling thread
+    and much of it is Python, so only a separate process overlaps it with
+    scheduling. CUDA: launches are asynchronous; the engine thread can launch
+    the steps itself, unless several ranks need a worker process each."""
+    if device.startswith("cpu") or world_size > 1:
+        return "process"
+    return "inline"
+
+
+def _executor(kind: str, settings: PipelineSettings, device: str, world_size: int) -> str:
     if kind != SHORT_NAME:
         return kind
     # The short name follows the stage (`engine_config.executor_class_for`).
     stage = settings.stage
     if stage == "auto":
-        stage = "process" if device == "cpu" else "inline"
+        stage = default_stage(device, world_size)
     return MULTIPROC_EXECUTOR if stage == "process" else IN_PROCESS_EXECUTOR
 
 
@@ -246,7 +259,8 @@ def deployment_of_engine_args(args: Any) -> Deployment | None:
         return None
     settings = PipelineSettings.from_vllm_config(args)
     device = str(current_platform.device_type)
-    return Deployment.of_engine_args(args, _executor(kind, settings, device), settings)
+    world = args.tensor_parallel_size * args.pipeline_parallel_size
+    return Deployment.of_engine_args(args, _executor(kind, settings, device, world), settings)
 
 
 def deployment_of_config(vllm_config: Any, executor: str | None = None) -> Deployment | None:
@@ -257,4 +271,5 @@ def deployment_of_config(vllm_config: Any, executor: str | None = None) -> Deplo
         return None
     settings = PipelineSettings.from_vllm_config(vllm_config)
     device = str(vllm_config.device_config.device_type)
-    return Deployment.of_config(vllm_config, _executor(kind, settings, device), settings)
+    world = vllm_config.parallel_config.world_size
+    return Deployment.of_config(vllm_config, _executor(kind, settings, device, world), settings)

@@ -36,13 +36,13 @@ _STOCK_SCHEDULERS = (
 
 def resolve_stage(settings: PipelineSettings, vllm_config: Any) -> str:
     """The device stage to use: "process", "thread" or "inline"."""
+    from async_executor.vllm_glue.compatibility import default_stage
+
     if settings.stage != "auto":
         return settings.stage
-    device = str(vllm_config.device_config.device)
-    # CPU: the forward pass holds the calling thread and much of it is Python,
-    # so only a separate process overlaps it with scheduling. CUDA: launches
-    # are asynchronous; the engine thread can launch the steps itself.
-    return "process" if device.startswith("cpu") else "inline"
+    return default_stage(
+        str(vllm_config.device_config.device), vllm_config.parallel_config.world_size
+    )
 
 
 def executor_class_for(vllm_config: Any) -> type:
