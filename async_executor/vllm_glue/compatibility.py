@@ -244,7 +244,7 @@ def _executor(kind: str, settings: PipelineSettings, device: str, world_size: in
     if kind != SHORT_NAME:
         return kind
     # The short name follows the stage (`engine_config.executor_class_for`).
-    stage = settings.stage
+    stage: str = settings.stage
     if stage == "auto":
         stage = default_stage(device, world_size)
     return MULTIPROC_EXECUTOR if stage == "process" else IN_PROCESS_EXECUTOR
