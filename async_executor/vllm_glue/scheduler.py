@@ -83,6 +83,7 @@ class _WindowMixin:
     kv_cache_manager: Any
     kv_cache_config: Any
     connector: Any
+    lora_config: Any
     num_spec_tokens: int
     current_step: int
 
@@ -126,8 +127,26 @@ class _WindowMixin:
         a request closes windows."""
         if len(self.running) + self.num_waiting_for_streaming_input >= self.max_num_running_reqs:
             return False
+        # vLLM admits no request whose adapter would exceed max_loras.
+        full_loras: set[int] | None = None
+        if self.lora_config:
+            loras = {
+                r.lora_request.lora_int_id
+                for r in self.running
+                if r.lora_request and r.lora_request.lora_int_id > 0
+            }
+            if len(loras) >= self.lora_config.max_loras:
+                full_loras = loras
         queues = (getattr(self, "kv_holding_waiting", ()), self.waiting)
-        return any(r.status not in _BLOCKED_WAITING for queue in queues for r in queue)
+        for queue in queues:
+            for r in queue:
+                if r.status in _BLOCKED_WAITING:
+                    continue
+                lora = r.lora_request
+                if full_loras is not None and lora and lora.lora_int_id not in full_loras:
+                    continue
+                return True
+        return False
 
     def _open_windows(self) -> None:
         if self._admissible_waiter():
