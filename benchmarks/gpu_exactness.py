@@ -55,6 +55,7 @@ def _engine(model: str, settings: dict[str, Any] | None, args: argparse.Namespac
     kwargs: dict[str, Any] = dict(
         dtype="bfloat16", max_model_len=512, seed=0, gpu_memory_utilization=0.5,
         load_format="dummy", max_num_seqs=128, num_gpu_blocks_override=args.kv_blocks,
+        tensor_parallel_size=args.tp,
         attention_config={"backend": args.attention_backend}, disable_log_stats=False,
     )  # fmt: skip
     if not args.compile:
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile on (slower start)")
     p.add_argument("--kv-blocks", type=int, default=640, help="KV cache blocks (16 tokens)")
     p.add_argument("--preempt-requests", type=int, default=96)
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (both engines)")
     args = p.parse_args(argv)
     variants = [_settings(v) for v in args.variants.split(";") if v.strip()]
     out = Path(args.out)
@@ -228,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     base, base_preempted = _run_all(llm, workloads)
     _close(llm)
     report: dict[str, Any] = {
+        "tensor_parallel_size": args.tp,
         "attention_backend": args.attention_backend,
         "compile": args.compile,
         "kv_blocks": args.kv_blocks,

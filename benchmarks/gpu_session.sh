@@ -12,7 +12,8 @@
 # step runs even if an earlier one failed. STEPS (default: all) picks steps.
 set -u
 OUT=${1:?output directory}
-STEPS=${STEPS:-"exactness llama-1b llama-8b"}
+STEPS=${STEPS:-"profile exactness llama-1b llama-8b"}
+# On two GPUs (nvidia-h200-x2): STEPS="tp-exactness tp"
 mkdir -p "$OUT"
 export ASYNC_EXECUTOR_RUN_ID=${ASYNC_EXECUTOR_RUN_ID:-$(date +%Y%m%d-%H%M%S)-h200}
 export VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING}
@@ -22,6 +23,15 @@ want() { [[ " $STEPS " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 
+if want profile; then
+  # Where the host time of a step goes, vLLM async against ours with windows
+  # off and with windows of 2 (cProfile of one in-process generate each).
+  step profile
+  for system in vllm-async "async_executor[decode_window=1]" "async_executor[decode_window=2]"; do
+    python3 -m benchmarks.profile_host --shape llama-1b --batch 128 --prompt-len 256 \
+      --gen-len 256 --system "$system" --attention-backend FLASH_ATTN --out "$OUT/profile" --top 40
+  done
+fi
 if want exactness; then
   # Device-resident windows against vLLM's synchronous path, CUDA graphs on:
   # windows 2 and 16 at depth 2 and 3; EOS, stop strings, logprobs, seeded
@@ -44,5 +54,21 @@ if want llama-8b; then
   python3 -m benchmarks --shape llama-8b --workloads 32x256x1024 \
     --systems "vllm-async,async_executor,async_executor[decode_window=2,$UNBOUNDED],async_executor[decode_window=16,$UNBOUNDED]" \
     --reps 2 --attention-backend FLASH_ATTN --out "$OUT/llama-8b" --timeout 420
+fi
+if want tp-exactness; then
+  step tp-exactness
+  python3 -m benchmarks.gpu_exactness --tp 2 --out "$OUT/tp-exactness" \
+    --variants "decode_window=2;decode_window=16"
+fi
+if want tp; then
+  # Two GPUs, vLLM async through its multiprocess executor against ours (auto
+  # picks the worker-process stage for several ranks); busy per rank.
+  step tp
+  python3 -m benchmarks --shape llama-1b --workloads 128x256x1024 --tp 2 \
+    --systems "vllm-async-mp,async_executor,async_executor[decode_window=4,$UNBOUNDED]" \
+    --reps 2 --attention-backend FLASH_ATTN --out "$OUT/tp-llama-1b" --timeout 420
+  python3 -m benchmarks --shape llama-8b --workloads 64x256x1024 --tp 2 \
+    --systems "vllm-async-mp,async_executor,async_executor[decode_window=4,$UNBOUNDED]" \
+    --reps 1 --attention-backend FLASH_ATTN --out "$OUT/tp-llama-8b" --timeout 480
 fi
 step "session done: $ASYNC_EXECUTOR_RUN_ID"

@@ -178,6 +178,17 @@ class Measured:
     busy: Busy
     spans: list[Any]
     kernels: list[Any]
+    # Tensor parallelism: every rank's busy, rank 0 first (`busy` is rank 0's).
+    ranks: list[Busy] | None = None
+
+    def rank_fields(self) -> dict[str, Any]:
+        if not self.ranks or len(self.ranks) < 2:
+            return {}
+        sampled = self.busy.method.startswith("sampled")
+        return {
+            "gpu_busy_by_rank": [b.share for b in self.ranks],
+            "ceiling_s_by_rank": [b.ceiling_s(self.timed.wall, sampled) for b in self.ranks],
+        }
 
     def timeline(self, gen_len: int) -> dict[str, Any]:
         step_ns = 1e9 * self.timed.wall / gen_len
@@ -189,7 +200,7 @@ def measure_runs(
     spec: dict[str, Any],
     poller: measure.NvmlPoller | None,
     start_trace: Callable[..., object],
-    stop_trace: Callable[[], dict[str, Any]],
+    stop_trace: Callable[[], dict[str, Any] | list[dict[str, Any]]],
     read_spans: Callable[[int, int], list[Any]],
 ) -> Measured:
     """The timed calls, then busy: from a kernel trace on GPU (start_trace and
@@ -217,9 +228,11 @@ def measure_runs(
         call = (lo, time.perf_counter_ns())
     spans = read_spans(*call)
     if on_gpu:
-        trace = stop_trace()
-        busy = busy_from_trace(trace, method, call, sampled=bool(window))
-        return Measured(timed, busy, spans, trace["kernels"])
+        traces = stop_trace()
+        # One trace per rank that launches kernels (several with tensor parallelism).
+        traces = traces if isinstance(traces, list) else [traces]
+        ranks = [busy_from_trace(t, method, call, sampled=bool(window)) for t in traces]
+        return Measured(timed, ranks[0], spans, traces[0]["kernels"], ranks)
     lo, hi = sampled_window(window, call) if window else call
     return Measured(timed, busy_from_spans(spans, lo, hi, method), spans, [])
 
@@ -239,6 +252,7 @@ def base_record(system: System, spec: dict[str, Any], measured: Measured,
         "ceiling_s": ceiling,
         "ceiling_share": ceiling / timed.wall if ceiling is not None else None,
         **measured.busy.fields(),
+        **measured.rank_fields(),
         "gpu_busy_nvml": _mean(timed.nvml),
         "card": card,
         "torch_version": torch.__version__,
@@ -299,7 +313,7 @@ def run_vllm(spec: dict[str, Any], system: System) -> list[dict[str, Any]]:
         measured = measure_runs(
             generate, workload, poller,
             start_trace=lambda **kw: llm.collective_rpc(measure.profiler_start, kwargs=kw),
-            stop_trace=lambda: llm.collective_rpc(measure.profiler_stop)[0],
+            stop_trace=lambda: llm.collective_rpc(measure.profiler_stop),
             read_spans=_spans,
         )  # fmt: skip
         stats_after = _pipeline_stats(llm, system)
