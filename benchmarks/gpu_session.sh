@@ -12,7 +12,7 @@
 # step runs even if an earlier one failed. STEPS (default: all) picks steps.
 set -u
 OUT=${1:?output directory}
-STEPS=${STEPS:-"profile exactness llama-1b llama-8b"}
+STEPS=${STEPS:-"profile exactness llama-1b llama-8b serve-1b"}
 # On two GPUs (nvidia-h200-x2): STEPS="tp-exactness tp"
 mkdir -p "$OUT"
 export ASYNC_EXECUTOR_RUN_ID=${ASYNC_EXECUTOR_RUN_ID:-$(date +%Y%m%d-%H%M%S)-h200}
@@ -54,6 +54,12 @@ if want llama-8b; then
   python3 -m benchmarks --shape llama-8b --workloads 32x256x1024 \
     --systems "vllm-async,async_executor,async_executor[decode_window=2,$UNBOUNDED],async_executor[decode_window=16,$UNBOUNDED]" \
     --reps 2 --attention-backend FLASH_ATTN --out "$OUT/llama-8b" --timeout 420
+fi
+if want serve-1b; then
+  # A live server: vLLM async against ours (defaults, and a window of 8 with
+  # the default latency bounds), Poisson rates and rate inf (SERVING.md).
+  step serve-1b
+  python3 -m benchmarks serve --preset h200-1b --out "$OUT/serve-1b"
 fi
 if want tp-exactness; then
   step tp-exactness

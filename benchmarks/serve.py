@@ -58,8 +58,12 @@ from .systems import System, parse_systems
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The tiny model on CPU: about two minutes on a 2-core machine; CI runs it.
+    # Windows with the latency bounds off: a slow machine's step time must not
+    # decide whether they open.
     "cpu-smoke": dict(
-        shape="tiny", device="cpu", systems="vllm-async,async_executor[decode_window=4]",
+        shape="tiny", device="cpu",
+        systems="vllm-async,async_executor[decode_window=4,max_token_gap_ms=0,"
+        "max_admission_delay_ms=0]",
         rates=[8.0, 48.0], max_concurrency=8, num_prompts=24,
         input_len=32, output_len=(32, 96),
     ),
@@ -69,13 +73,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # load past the point where vLLM's queue grows.
     "h200-1b": dict(
         shape="llama-1b", device="cuda", attention_backend="FLASH_ATTN",
-        systems="vllm-async,async_executor[decode_window=8]",
+        systems="vllm-async,async_executor,async_executor[decode_window=8]",
         rates=[8.0, 32.0, 64.0, 96.0, 128.0, 160.0], max_concurrency=256, num_prompts=160,
         seconds=20.0, input_len=256, output_len=(128, 512),
     ),
     "h200-8b": dict(
         shape="llama-8b", device="cuda", attention_backend="FLASH_ATTN",
-        systems="vllm-async,async_executor[decode_window=8]",
+        systems="vllm-async,async_executor,async_executor[decode_window=8]",
         rates=[4.0, 8.0, 16.0, 32.0, 48.0], max_concurrency=256, num_prompts=100,
         seconds=20.0, input_len=256, output_len=(128, 512),
     ),

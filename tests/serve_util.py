@@ -73,10 +73,12 @@ def vllm_server(
     max_model_len: int = 256,
     extra_args: list[str] | None = None,
     startup_timeout: float = 300,
+    env_changes: dict[str, str | None] | None = None,
 ) -> Iterator[Server]:
     """Start the `vllm` console script on 127.0.0.1 (multiprocess engine,
     dev mode for `/collective_rpc`), wait until `/health` answers, stop it
-    on exit. `executor=None` is vLLM's default executor."""
+    on exit. `executor=None` is vLLM's default executor; `env_changes` sets
+    (or, with None, removes) environment variables of the server."""
     vllm_script = Path(sys.executable).parent / "vllm"
     assert vllm_script.exists(), "the vllm console script is not installed"
     port = free_port()
@@ -85,6 +87,11 @@ def vllm_server(
         "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
         "VLLM_SERVER_DEV_MODE": "1",  # exposes /collective_rpc for the counters
     }
+    for key, value in (env_changes or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     args = [str(vllm_script), "serve", model, "--host", "127.0.0.1", "--port", str(port),
             "--max-model-len", str(max_model_len), *SERVE_ENGINE_ARGS]  # fmt: skip
     if executor is not None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 import tomllib
@@ -41,7 +39,8 @@ from async_executor.pipeline.metrics import (
     window_size_buckets,
     write_snapshot,
 )
-from tests.conftest import corpus_prompts
+from tests.conftest import corpus_prompts, deterministic_windows
+from tests.serve_util import vllm_server
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_GROUP = "vllm.stat_logger_plugins"
@@ -343,14 +342,6 @@ def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return [str(root)]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _request(
     url: str, body: dict[str, Any] | None = None, timeout: float = 120
 ) -> tuple[int, bytes]:
@@ -367,47 +358,13 @@ def _request(
 def _serve(
     model: str, log_path: Path, env_changes: dict[str, str | None], extra_path: list[str]
 ) -> Iterator[str]:
-    vllm_script = Path(sys.executable).parent / "vllm"
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    for key, value in env_changes.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO), *extra_path, *filter(None, [os.environ.get("PYTHONPATH")])]
-    )
-    port = _free_port()
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            [
-                str(vllm_script), "serve", model,
-                "--executor", "async_executor",
-                "--additional-config", json.dumps({"async_executor": {"decode_window": 4}}),
-                "--host", "127.0.0.1", "--port", str(port),
-                "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
-                "--seed", "0", "--kv-cache-memory-bytes", str(64 << 20),
-            ],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 600
-            while True:
-                assert server.poll() is None, log_path.read_text()[-4000:]
-                with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-                    if _request(base + "/health", timeout=5)[0] == 200:
-                        break
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(1)
-            yield base
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(timeout=60)
+    path = [str(REPO), *extra_path, *filter(None, [os.environ.get("PYTHONPATH")])]
+    with vllm_server(
+        model, log_path, pipeline=deterministic_windows({"decode_window": 4}),
+        startup_timeout=600,
+        env_changes={**env_changes, "PYTHONPATH": os.pathsep.join(path)},
+    ) as server:  # fmt: skip
+        yield server.base
 
 
 def _completions(base: str, model: str, n: int) -> int:
