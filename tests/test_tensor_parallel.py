@@ -21,7 +21,7 @@ from vllm import SamplingParams
 from async_executor import pipeline_config
 from async_executor.tracing import ENV_FLAG, read_span_file
 from tests.conftest import (
-    assert_overlapped,
+    assert_pipelined,
     assert_same_outputs,
     corpus_prompts,
     engine,
@@ -103,7 +103,10 @@ def _forward_steps_per_worker(trace: Path, expected: int) -> list[int]:
 
 @pytest.mark.parametrize(
     "settings",
-    [pytest.param({}, id="default"), pytest.param({"decode_window": 4}, id="window4")],
+    [
+        pytest.param({"decode_window": 1}, id="window1"),
+        pytest.param({"decode_window": 4}, id="window4"),
+    ],
 )
 def test_tp2_is_exact_and_every_rank_runs_every_step(
     tiny_model: str,
@@ -122,7 +125,7 @@ def test_tp2_is_exact_and_every_rank_runs_every_step(
         forwards = _forward_steps_per_worker(tmp_path, s.device_steps)
     assert_same_outputs(expected, ours, "TP=2")
     window = settings.get("decode_window", 1)
-    assert_overlapped(s, windows=window > 1)
+    assert_pipelined(s, windows=window > 1)
     if window > 1:
         assert s.window_sizes.get(window, 0) > 0, s
         assert s.device_steps == sum(w * n for w, n in s.window_sizes.items()), s
