@@ -68,7 +68,10 @@ def _placeholders(n: int) -> list[int]:
     return _PLACEHOLDERS[n]
 
 
-class _WindowMixin:
+class _PipelineScheduling:
+    """What our schedulers add to vLLM's, windows or not: the carry-over and
+    wasted-token counts and the step clock; with windows, opening them."""
+
     # Provided by vLLM's Scheduler.
     vllm_config: Any
     scheduler_config: Any
@@ -87,7 +90,7 @@ class _WindowMixin:
     num_spec_tokens: int
     current_step: int
 
-    def _init_window(self) -> None:
+    def _init_pipeline_scheduling(self) -> None:
         settings = PipelineSettings.from_vllm_config(self.vllm_config)
         self._settings = settings
         self._counters: PipelineCounters = counters_for(self.vllm_config)
@@ -388,33 +391,33 @@ class _WindowTokenUpdate(Scheduler):
         return kept, stopped
 
 
-class WindowScheduler(_WindowMixin, AsyncScheduler, _WindowTokenUpdate):
+class WindowScheduler(_PipelineScheduling, AsyncScheduler, _WindowTokenUpdate):
     """Overlap on, decode windows on."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._init_window()
+        self._init_pipeline_scheduling()
 
 
-class SyncWindowScheduler(_WindowMixin, _WindowTokenUpdate):
+class SyncWindowScheduler(_PipelineScheduling, _WindowTokenUpdate):
     """Overlap off (vLLM's synchronous loop), decode windows on."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._init_window()
+        self._init_pipeline_scheduling()
 
 
-class StepScheduler(_WindowMixin, AsyncScheduler):
+class StepScheduler(_PipelineScheduling, AsyncScheduler):
     """Overlap on, one token per step: vLLM's own output update."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._init_window()
+        self._init_pipeline_scheduling()
 
 
-class SyncStepScheduler(_WindowMixin, Scheduler):
+class SyncStepScheduler(_PipelineScheduling, Scheduler):
     """Overlap off, one token per step."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._init_window()
+        self._init_pipeline_scheduling()
