@@ -259,7 +259,11 @@ def test_cpu_preset_end_to_end(tmp_path: Path) -> None:
             assert stats is None, where
             continue
         # Our executor ran every rate, overlapped, and opened decode windows.
-        assert r["settings"] == {"decode_window": 4}, where
+        assert r["settings"] == {
+            "decode_window": 4,
+            "max_token_gap_ms": 0,
+            "max_admission_delay_ms": 0,
+        }, where
         assert stats["windowed_batches"] > 0, (where, stats)
         assert stats["launched_before_predecessor_resolved"] > 0, (where, stats)
         assert sum(stats["window_sizes"].values()) == stats["batches_launched"], (where, stats)
