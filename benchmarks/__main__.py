@@ -4,6 +4,8 @@
     python -m benchmarks --shape llama-1b --batch 128 --prompt-len 256 \
         --gen-len 1024 --systems vllm-sync,vllm-async,async_executor[decode_window=8] \
         --out DIR --timeline
+    python -m benchmarks interleave ...   (systems alternated: interleave.py)
+    python -m benchmarks serve ...        (a live server: serve.py)
 
 Each system runs in its own process (`benchmarks.run_one`) on the same
 prompts (random token ids, fixed seed), greedy, ignore_eos. Writes
@@ -149,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         from .serve import main as serve_main
 
         return serve_main(given[1:])
+    if given[:1] == ["interleave"]:  # systems alternated: benchmarks/interleave.py
+        from .interleave import main as interleave_main
+
+        return interleave_main(given[1:])
     args = _parse(argv)
     cfg = _settings(args)
     out = Path(args.out)

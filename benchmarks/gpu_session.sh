@@ -12,7 +12,8 @@
 # step runs even if an earlier one failed. STEPS (default: all) picks steps.
 set -u
 OUT=${1:?output directory}
-STEPS=${STEPS:-"profile exactness llama-1b llama-8b serve-1b"}
+STEPS=${STEPS:-"ab-1b exactness ab-8b serve-1b-short"}
+# Also: profile llama-1b llama-8b serve-1b (the one-system-after-another runs)
 # On two GPUs (nvidia-h200-x2): STEPS="tp-exactness tp"
 mkdir -p "$OUT"
 export ASYNC_EXECUTOR_RUN_ID=${ASYNC_EXECUTOR_RUN_ID:-$(date +%Y%m%d-%H%M%S)-h200}
@@ -32,13 +33,31 @@ if want profile; then
       --gen-len 256 --system "$system" --attention-backend FLASH_ATTN --out "$OUT/profile" --top 40
   done
 fi
+if want ab-1b; then
+  # Every system's engine up at once on the card, calls alternated round by
+  # round (benchmarks/interleave.py): vLLM async (uniproc and mp) against ours
+  # with windows off, the default window, the worker-process stage, and the
+  # throughput window; kernel ceiling per row; a host profile of batch 32.
+  step ab-1b
+  python3 -m benchmarks interleave --shape llama-1b --workloads 128x256x1024,32x256x1024 \
+    --systems "vllm-async,vllm-async-mp,async_executor[decode_window=1],async_executor,async_executor[stage=process],async_executor[decode_window=1,stage=process],async_executor[decode_window=16,$UNBOUNDED]" \
+    --rounds 3 --trace --profile --profile-top 60 --attention-backend FLASH_ATTN \
+    --kv-cache-gib 8 --out "$OUT/ab-1b" --timeout 600
+fi
+if want ab-8b; then
+  step ab-8b
+  python3 -m benchmarks interleave --shape llama-8b --workloads 32x256x1024 \
+    --systems "vllm-async,async_executor[decode_window=1],async_executor,async_executor[decode_window=16,$UNBOUNDED]" \
+    --rounds 3 --trace --attention-backend FLASH_ATTN --kv-cache-gib 6 \
+    --out "$OUT/ab-8b" --timeout 600
+fi
 if want exactness; then
   # Device-resident windows against vLLM's synchronous path, CUDA graphs on:
   # windows 2 and 16 at depth 2 and 3; EOS, stop strings, logprobs, seeded
   # sampling, n > 1, preemption under a small KV cache.
   step exactness
   python3 -m benchmarks.gpu_exactness --out "$OUT/exactness" \
-    --variants "decode_window=2;decode_window=16;decode_window=2,depth=3;decode_window=16,depth=3"
+    --variants "${EXACT_VARIANTS:-decode_window=2;decode_window=16;decode_window=2,depth=3;decode_window=16,depth=3}"
 fi
 if want llama-1b; then
   # 1B shape at batch 128 and 32 (one engine per system for both): where
@@ -60,6 +79,13 @@ if want serve-1b; then
   # the default latency bounds), Poisson rates and rate inf (SERVING.md).
   step serve-1b
   python3 -m benchmarks serve --preset h200-1b --out "$OUT/serve-1b"
+fi
+if want serve-1b-short; then
+  # The serving sweep cut to fit a session: vLLM async against our defaults.
+  step serve-1b-short
+  python3 -m benchmarks serve --shape llama-1b --device cuda --attention-backend FLASH_ATTN \
+    --systems "vllm-async,async_executor" --rates 16,64,128 --max-concurrency 256 \
+    --num-prompts 160 --seconds 15 --input-len 256 --output-len 128:512 --out "$OUT/serve-1b"
 fi
 if want tp-exactness; then
   step tp-exactness

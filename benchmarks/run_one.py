@@ -263,13 +263,10 @@ def base_record(system: System, spec: dict[str, Any], measured: Measured,
     }
 
 
-def run_vllm(spec: dict[str, Any], system: System) -> list[dict[str, Any]]:
-    """Every workload of the spec on one engine (started once: compile and
-    graph capture take a minute on a GPU), one record each."""
-    import vllm
-    from vllm import LLM, SamplingParams
-
-    on_gpu = spec["device"] == "cuda"
+def engine_kwargs(spec: dict[str, Any], system: System) -> dict[str, Any]:
+    """`LLM(...)` arguments for every workload of the spec. On a GPU the KV
+    cache takes `gpu_mem` of the card, or exactly `kv_cache_bytes` (for
+    engines that share a card: vLLM then skips its memory profiling)."""
     workloads = spec["workloads"]
     kwargs: dict[str, Any] = dict(
         seed=0,
@@ -282,15 +279,27 @@ def run_vllm(spec: dict[str, Any], system: System) -> list[dict[str, Any]]:
         kwargs.update(load_format="dummy", skip_tokenizer_init=True)
     if spec.get("attention_backend"):
         kwargs["attention_config"] = {"backend": spec["attention_backend"]}
-    if on_gpu:
+    if spec["device"] == "cuda":
         kwargs.update(dtype="bfloat16", gpu_memory_utilization=spec.get("gpu_mem", 0.85))
+        if spec.get("kv_cache_bytes"):
+            kwargs["kv_cache_memory_bytes"] = spec["kv_cache_bytes"]
     else:
         kwargs.update(dtype="float32", enforce_eager=True,
-                      kv_cache_memory_bytes=256 << 20)  # fmt: skip
+                      kv_cache_memory_bytes=spec.get("kv_cache_bytes") or 256 << 20)  # fmt: skip
     kwargs.update(system.engine_kwargs)
+    return kwargs
 
+
+def run_vllm(spec: dict[str, Any], system: System) -> list[dict[str, Any]]:
+    """Every workload of the spec on one engine (started once: compile and
+    graph capture take a minute on a GPU), one record each."""
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    on_gpu = spec["device"] == "cuda"
+    workloads = spec["workloads"]
     t_start = time.perf_counter()
-    llm = LLM(spec["model"], **kwargs)
+    llm = LLM(spec["model"], **engine_kwargs(spec, system))
     startup_s = time.perf_counter() - t_start
     config = llm.llm_engine.vllm_config
     poller = measure.NvmlPoller() if on_gpu else None

@@ -93,3 +93,38 @@ def test_a_system_past_its_timeout_is_recorded_and_the_run_goes_on(tmp_path: Pat
     for record in records:
         assert record["error"] == "timed out after 2 s per workload (--timeout)", record
     assert "timed out after 2 s" in proc.stdout
+
+
+def test_interleaved_rounds_on_cpu(tmp_path: Path) -> None:
+    """`python -m benchmarks interleave`: both engines up at once, each round
+    one call per system, a host profile of each; records say how each
+    round's pair compared and that every call generated the same tokens."""
+    out = tmp_path / "interleaved"
+    systems = ["vllm-async", f"async_executor[decode_window=4,{UNBOUNDED}]"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "interleave", "--shape", "tiny",
+         "--workloads", "8x16x24,4x8x12", "--systems", ",".join(systems), "--rounds", "2",
+         "--device", "cpu", "--profile", "--profile-top", "10",
+         "--out", str(out), "--models-dir", str(tmp_path / "models")],
+        cwd=ROOT, capture_output=True, text=True, timeout=850,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads((out / "interleaved.json").read_text())
+    assert sorted((r["system"], r["batch"]) for r in records) == sorted(
+        (s, b) for s in systems for b in (8, 4)
+    )
+    for record in records:
+        assert "error" not in record, record
+        assert record["mode"] == "interleaved" and record["rounds"] == 2
+        assert len(record["reps_wall_s"]) == 2 and len(record["ratio_by_round"]) == 2
+        assert record["generated_tokens"] == record["batch"] * record["gen_len"]
+        assert record["digests_agree"] and record["same_output_as_first"], record
+    first = [r for r in records if r["system"] == "vllm-async"]
+    assert all(r["ratio_by_round"] == [1.0, 1.0] for r in first)
+    windowed = next(r for r in records if r["system"] == systems[1] and r["batch"] == 8)
+    assert windowed["pipeline_stats"]["windowed_batches"] > 0, windowed["pipeline_stats"]
+    for system in ("vllm-async", "async_executor_decode_window=4_max_token_gap_ms=0_"
+                   "max_admission_delay_ms=0_"):  # fmt: skip
+        profile = (out / f"profile-{system}-b8.txt").read_text()
+        assert "Ordered by: internal time" in profile and "execute_model" in profile
+    assert "interleaved rounds" in proc.stdout

@@ -136,3 +136,33 @@ def test_a_busy_window_without_a_forward_pass_is_an_error() -> None:
     # A forward pass reaching into the window counts.
     busy = busy_from_spans([("forward", 0, 15)], 10, 30, "sampled")
     assert busy.share == pytest.approx(0.25)
+
+
+def test_interleaved_round_order_rotates() -> None:
+    from benchmarks.interleave import round_order
+
+    names = ["a", "b", "c"]
+    orders = [round_order(names, k) for k in range(4)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    # Over a full rotation every system runs first once.
+    assert sorted(o[0] for o in orders[:3]) == names
+
+
+def test_interleaved_ratios_are_paired_by_round() -> None:
+    from benchmarks.interleave import summarize
+
+    calls = {
+        "base": [{"round": 0, "wall_s": 2.0}, {"round": 1, "wall_s": 4.0},
+                 {"round": 2, "wall_s": 3.0}],
+        # Twice as fast as base in every round, though its own walls vary.
+        "fast": [{"round": 0, "wall_s": 1.0}, {"round": 1, "wall_s": 2.0},
+                 {"round": 2, "wall_s": 1.5}],
+        # Missed round 1: only the rounds both ran are paired.
+        "gap": [{"round": 0, "wall_s": 4.0}, {"round": 2, "wall_s": 3.0}],
+    }  # fmt: skip
+    summary = summarize(calls, "base")
+    assert summary["base"]["ratio_by_round"] == [1.0, 1.0, 1.0]
+    assert summary["fast"]["ratio_by_round"] == [2.0, 2.0, 2.0]
+    assert summary["fast"]["ratio"] == 2.0 and summary["fast"]["wall_s"] == 1.5
+    assert summary["gap"]["ratio_by_round"] == [0.5, 1.0]
+    assert summary["gap"]["reps_wall_s"] == [4.0, 3.0]
