@@ -51,6 +51,14 @@ if want ab-8b; then
     --rounds 3 --trace --attention-backend FLASH_ATTN --kv-cache-gib 6 \
     --out "$OUT/ab-8b" --timeout 600
 fi
+if want ab-8b-process; then
+  # The worker-process stage at 8B, against vLLM's uniproc and mp executors.
+  step ab-8b-process
+  python3 -m benchmarks interleave --shape llama-8b --workloads 32x256x1024 \
+    --systems "vllm-async,vllm-async-mp,async_executor[stage=process],async_executor[decode_window=1,stage=process]" \
+    --rounds 3 --trace --attention-backend FLASH_ATTN --kv-cache-gib 6 \
+    --out "$OUT/ab-8b-process" --timeout 600
+fi
 if want exactness; then
   # Device-resident windows against vLLM's synchronous path, CUDA graphs on:
   # windows 2 and 16 at depth 2 and 3; EOS, stop strings, logprobs, seeded
@@ -84,7 +92,7 @@ if want serve-1b-short; then
   # The serving sweep cut to fit a session: vLLM async against our defaults.
   step serve-1b-short
   python3 -m benchmarks serve --shape llama-1b --device cuda --attention-backend FLASH_ATTN \
-    --systems "vllm-async,async_executor" --rates 16,64,128 --max-concurrency 256 \
+    --systems "vllm-async,async_executor[stage=process]" --rates 16,64,128 --max-concurrency 256 \
     --num-prompts 160 --seconds 15 --input-len 256 --output-len 128:512 --out "$OUT/serve-1b"
 fi
 if want tp-exactness; then

@@ -17,6 +17,7 @@ from async_executor.vllm_glue import compatibility
 from async_executor.vllm_glue.compatibility import (
     IN_PROCESS_EXECUTOR,
     MULTIPROC_EXECUTOR,
+    SHORT_NAME,
     Deployment,
     UnsupportedConfigError,
     deployment_of_config,
@@ -201,6 +202,19 @@ def test_device_rule_and_tensor_parallel_stages() -> None:
     assert unsupported(on_process) == []
     (problem,) = unsupported(on_thread)
     assert "needs the device stage 'process'" in problem and "runs the 'thread' stage" in problem
+
+
+def test_auto_stage_is_a_worker_process_on_every_device() -> None:
+    """`stage="auto"` picks the worker-process stage on CPU and on one GPU
+    (measured fastest on both; README, "Settings"), and the short executor
+    name follows it to the multiprocess executor class."""
+    for device, world_size in (("cpu", 1), ("cuda", 1), ("cuda", 2)):
+        assert compatibility.default_stage(device, world_size) == "process"
+        chosen = compatibility._executor(SHORT_NAME, PipelineSettings(), device, world_size)
+        assert chosen == MULTIPROC_EXECUTOR, (device, world_size)
+    # An explicit in-process stage still selects the in-process executor.
+    inline = PipelineSettings(stage="inline")
+    assert compatibility._executor(SHORT_NAME, inline, "cuda", 1) == IN_PROCESS_EXECUTOR
 
 
 @pytest.mark.e2e

@@ -30,9 +30,11 @@ Two device stages, one pipeline (`_Pipeline`):
 - `AsyncExecutor`: the worker in the engine process, its steps on a
   dedicated thread (`stage="thread"`) or on the engine thread (`"inline"`;
   on CUDA launches return before the device finishes);
-- `AsyncMultiprocExecutor`: the worker in its own process (`"process"`),
-  reached through vLLM's multiprocess executor; its message queue keeps the
-  calls in order, and the engine and the runner no longer share a GIL.
+- `AsyncMultiprocExecutor`: the worker in its own process (`"process"`,
+  what `auto` picks), reached through vLLM's multiprocess executor; its
+  message queue keeps the calls in order, and the engine and the runner no
+  longer share a GIL: the runner prepares batch N+1's inputs while the
+  engine thread updates from batch N and schedules N+2.
 """
 
 from __future__ import annotations
