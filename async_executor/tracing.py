@@ -181,3 +181,67 @@ def read_span_file(path: str | Path) -> list[tuple[str, int, int, int]]:
     for line in Path(path).read_text().split("\n")[:-1]:
         spans.extend(tuple(s) for s in json.loads(line))  # type: ignore[misc]
     return spans
+
+
+# --- a host profile of one thread, on demand ---------------------------------
+#
+# Diagnostics for benchmarks: cProfile of the thread that calls
+# `profile_start`, until `profile_stop`. With `ASYNC_EXECUTOR_ENGINE_PROFILE=1`
+# in the engine's environment the plugin also gives vLLM's EngineCore two
+# utility methods (`ENGINE_PROFILE_START`, `ENGINE_PROFILE_STOP`), which an
+# engine client's `call_utility` runs on the engine's busy-loop thread: the
+# thread that schedules and updates, whichever process runs the worker.
+
+ENGINE_PROFILE_FLAG = "ASYNC_EXECUTOR_ENGINE_PROFILE"
+ENGINE_PROFILE_START = "async_executor_profile_start"
+ENGINE_PROFILE_STOP = "async_executor_profile_stop"
+
+_profile: Any = None
+
+
+def profile_start() -> bool:
+    """Start a cProfile of the calling thread (one at a time per process)."""
+    global _profile
+    import cProfile
+
+    if _profile is not None:
+        raise RuntimeError("a host profile is already running in this process")
+    _profile = cProfile.Profile()
+    _profile.enable()
+    return True
+
+
+def profile_stop(top: int = 40) -> str:
+    """Stop the profile; its `top` functions by own time, then by cumulative
+    time, as pstats prints them."""
+    global _profile
+    import io
+    import pstats
+
+    profile, _profile = _profile, None
+    if profile is None:
+        raise RuntimeError("profile_start was not called in this process")
+    profile.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profile, stream=text).strip_dirs()
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return text.getvalue()
+
+
+def engine_profiler_enabled() -> bool:
+    return os.environ.get(ENGINE_PROFILE_FLAG, "") not in ("", "0")
+
+
+def install_engine_profiler() -> None:
+    """Add the profile utility methods to vLLM's EngineCore (idempotent)."""
+    from vllm.v1.engine.core import EngineCore
+
+    def start(_engine: Any) -> bool:
+        return profile_start()
+
+    def stop(_engine: Any, top: int = 40) -> str:
+        return profile_stop(top)
+
+    setattr(EngineCore, ENGINE_PROFILE_START, start)
+    setattr(EngineCore, ENGINE_PROFILE_STOP, stop)

@@ -20,10 +20,14 @@ On a GPU the engines share the card: each gets a fixed KV cache
 (`--kv-cache-gib`), so vLLM skips its memory profiling and the engines can
 start together. `--trace` adds one kernel-traced call per system and workload
 after the rounds (busy share and the kernel-time ceiling, as in
-`python -m benchmarks`); `--profile` one call (of one workload) under cProfile of the thread
-that runs the engine's steps (the engine thread for vLLM's uniproc executor
-and ours inline). Writes DIR/interleaved.json (after every round) and, with
---profile, DIR/profile-<system>-b<batch>.txt; prints a table.
+`python -m benchmarks`); `--profile` two calls (of one workload) under
+cProfile: one of the thread that runs the runner's steps (the engine thread
+for vLLM's uniproc executor and ours inline, the worker's thread where the
+worker has its own process), one of the engine's busy-loop thread (schedule,
+update; the same thread where the worker shares it). Writes
+DIR/interleaved.json (after every round) and, with --profile,
+DIR/profile-<system>-b<batch>.txt and DIR/profile-engine-<system>-b<batch>.txt;
+prints a table.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--systems", required=True, help="comma-separated (benchmarks/systems.py)")
     p.add_argument("--rounds", type=int, default=3, help="timed calls per system and workload")
     p.add_argument("--trace", action="store_true", help="one kernel-traced call each (GPU)")
-    p.add_argument("--profile", action="store_true", help="one cProfiled call each")
+    p.add_argument("--profile", action="store_true", help="cProfiled calls (step, engine thread)")
     p.add_argument("--profile-top", type=int, default=40)
     p.add_argument("--profile-workload", type=int, default=-1,
                    help="which workload --profile runs (index; default the last)")  # fmt: skip
@@ -153,6 +157,8 @@ class _Engine:
         "profile" (cProfile of the step thread)."""
         from vllm import SamplingParams
 
+        from async_executor import tracing
+
         from . import measure
         from .run_one import busy_from_trace, digest
 
@@ -164,6 +170,8 @@ class _Engine:
             self.llm.collective_rpc(measure.profiler_start)
         elif mode == "profile":
             self.llm.collective_rpc(measure.host_profile_start)
+        elif mode == "profile-engine":
+            self._engine_utility(tracing.ENGINE_PROFILE_START)
         load = os.getloadavg()[0]
         t0 = time.perf_counter_ns()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -181,12 +189,21 @@ class _Engine:
             reply |= busy.fields() | {"ceiling_s": busy.ceiling_s(reply["wall_s"], False)}
         elif mode == "profile":
             reply["profile"] = self.llm.collective_rpc(measure.host_profile_stop, args=(top,))[0]
+        elif mode == "profile-engine":
+            reply["profile"] = self._engine_utility(tracing.ENGINE_PROFILE_STOP, top)
         after = self.stats()
         if after is not None:
             from .run_one import _stats_delta
 
             reply["pipeline_stats"] = _stats_delta(before, after)
         return reply
+
+    def _engine_utility(self, name: str, *args: Any) -> Any:
+        """A method of vLLM's EngineCore, run on its busy-loop thread."""
+        client = self.llm.llm_engine.engine_core
+        if hasattr(client, "call_utility"):  # the engine in its own process
+            return client.call_utility(name, *args)
+        return getattr(client.engine_core, name)(*args)  # in this process
 
     def shutdown(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
@@ -197,6 +214,8 @@ def _serve_system(conn: Connection, spec: dict[str, Any], system_name: str) -> N
     requests ({"op": "call", ...} or {"op": "stop"}) until told to stop."""
     # Engines that start together must not write one compile cache at once.
     os.environ["VLLM_CACHE_ROOT"] = os.path.join(spec["cache_root"], _tag(system_name))
+    # The engine's profile methods (`--profile`), installed by the plugin.
+    os.environ["ASYNC_EXECUTOR_ENGINE_PROFILE"] = "1"
     try:
         engine = _Engine(spec, system_name)
         conn.send({"ok": True, **engine.info()})
@@ -434,11 +453,10 @@ def main(argv: list[str]) -> int:
             path.write_text(json.dumps(_records(args, spec, remotes, calls, extra, common),
                                        indent=1))  # fmt: skip
             print(f"round {round_index + 1}/{args.rounds} done", flush=True)
-        for mode in ("trace", "profile"):
-            if not getattr(args, mode):
-                continue
+        modes = ["trace"] * args.trace + ["profile", "profile-engine"] * args.profile
+        for mode in modes:
             indices = list(range(len(args.workloads)))
-            if mode == "profile":
+            if mode != "trace":
                 indices = [indices[args.profile_workload]]
             for index in indices:
                 batch = args.workloads[index][0]
@@ -450,7 +468,8 @@ def main(argv: list[str]) -> int:
                     if mode == "trace":
                         extra[(remote.name, index)] = reply
                     else:
-                        path_txt = out / f"profile-{_tag(remote.name)}-b{batch}.txt"
+                        kind = "profile-engine" if mode == "profile-engine" else "profile"
+                        path_txt = out / f"{kind}-{_tag(remote.name)}-b{batch}.txt"
                         path_txt.write_text(reply["profile"])
     finally:
         for remote in remotes:

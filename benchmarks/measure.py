@@ -241,34 +241,21 @@ class NvmlPoller:
 
 # --- host profile of the thread that runs engine steps ------------------------
 
-_host_profile: Any = None
-
 
 def host_profile_start(_worker: Any = None) -> bool:
     """cProfile the calling thread from now on. Reached through
     `collective_rpc`, that is the thread that runs the engine's steps where
     the worker shares it (vLLM's uniproc executor, ours inline), and the
-    worker's RPC thread where the worker has its own process."""
-    global _host_profile
-    import cProfile
+    worker's RPC thread where the worker has its own process (the engine's
+    own thread is reached through `tracing.ENGINE_PROFILE_START`)."""
+    from async_executor import tracing
 
-    _host_profile = cProfile.Profile()
-    _host_profile.enable()
-    return True
+    return tracing.profile_start()
 
 
 def host_profile_stop(_worker: Any = None, top: int = 40) -> str:
     """Stop the profile; the `top` functions by own time, then by
     cumulative time, as pstats prints them."""
-    global _host_profile
-    import io
-    import pstats
+    from async_executor import tracing
 
-    profile, _host_profile = _host_profile, None
-    assert profile is not None, "host_profile_start was not called in this thread's process"
-    profile.disable()
-    text = io.StringIO()
-    stats = pstats.Stats(profile, stream=text).strip_dirs()
-    stats.sort_stats("tottime").print_stats(top)
-    stats.sort_stats("cumulative").print_stats(top)
-    return text.getvalue()
+    return tracing.profile_stop(top)

@@ -104,7 +104,7 @@ def test_interleaved_rounds_on_cpu(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "interleave", "--shape", "tiny",
          "--workloads", "8x16x24,4x8x12", "--systems", ",".join(systems), "--rounds", "2",
-         "--device", "cpu", "--profile", "--profile-top", "10",
+         "--device", "cpu", "--profile", "--profile-top", "80", "--profile-workload", "0",
          "--out", str(out), "--models-dir", str(tmp_path / "models")],
         cwd=ROOT, capture_output=True, text=True, timeout=850,
     )  # fmt: skip
@@ -127,4 +127,8 @@ def test_interleaved_rounds_on_cpu(tmp_path: Path) -> None:
                    "max_admission_delay_ms=0_"):  # fmt: skip
         profile = (out / f"profile-{system}-b8.txt").read_text()
         assert "Ordered by: internal time" in profile and "execute_model" in profile
+        # The engine's own thread: where the scheduler runs.
+        engine_profile = (out / f"profile-engine-{system}-b8.txt").read_text()
+        assert "Ordered by: internal time" in engine_profile
+        assert "scheduler.py" in engine_profile and "(schedule)" in engine_profile
     assert "interleaved rounds" in proc.stdout

@@ -11,7 +11,8 @@ workers) and, for `vllm serve`, before it builds the argument parser. It:
   front end (`LLM`, `vllm serve`, `AsyncLLM.from_engine_args`) builds the
   config, before any engine process starts; the check runs on the arguments
   before vLLM's own validation and again on the config vLLM resolved;
-- with `ASYNC_EXECUTOR_TRACE=1`, installs the step tracer (`tracing.py`);
+- with `ASYNC_EXECUTOR_TRACE=1`, installs the step tracer (`tracing.py`), and
+  with `ASYNC_EXECUTOR_ENGINE_PROFILE=1` the engine's profile methods;
 - has new pipeline counters exported for `/metrics` (`metrics.py`; the
   module is imported only when an engine creates its counters).
 All wrap vLLM functions by delegation; nothing in vLLM's files changes.
@@ -144,3 +145,5 @@ def register() -> None:
 
     if tracing.enabled():
         tracing.install()
+    if tracing.engine_profiler_enabled():
+        tracing.install_engine_profiler()
