@@ -200,7 +200,7 @@ class _Engine:
 
     def _engine_utility(self, name: str, *args: Any) -> Any:
         """A method of vLLM's EngineCore, run on its busy-loop thread."""
-        client = self.llm.llm_engine.engine_core
+        client: Any = self.llm.llm_engine.engine_core
         if hasattr(client, "call_utility"):  # the engine in its own process
             return client.call_utility(name, *args)
         return getattr(client.engine_core, name)(*args)  # in this process
