@@ -16,7 +16,9 @@ an order that rotates from round to round. A system's ratio is the median of
 its per-round ratios to the first system (paired: both calls of a pair ran
 minutes apart at most, under the same conditions).
 
-On a GPU the engines share the card: each gets a fixed KV cache
+As in `python -m benchmarks`, the step tracer (`async_executor.tracing`,
+a few microseconds per step, the same methods wrapped in every system) is on
+in every engine. On a GPU the engines share the card: each gets a fixed KV cache
 (`--kv-cache-gib`), so vLLM skips its memory profiling and the engines can
 start together. `--trace` adds one kernel-traced call per system and workload
 after the rounds (busy share and the kernel-time ceiling, as in
