@@ -8,6 +8,11 @@
 # `pkill -9 -f "VLLM:[:]"` (the engine processes rename themselves; the
 # brackets keep pkill from matching its own command line), and check that
 # nvidia-smi shows the memory freed before starting the next one.
+# Hazard: `source .gpukit/device.sh | tail` sources it in a subshell (a
+# pipe), so vLLM is missing afterwards; source it alone, then `&&`.
+# Engine start is 70-110 s on an H200; the interleaved steps start all their
+# engines at once (about 100 s for seven 1B engines), the serving step one
+# server after another (about 3.5 minutes per system for the short sweep).
 # Ordered by what matters most if the session's device time runs out; each
 # step runs even if an earlier one failed. STEPS (default: all) picks steps.
 set -u
