@@ -17,8 +17,10 @@
 # step runs even if an earlier one failed. STEPS (default: all) picks steps.
 set -u
 OUT=${1:?output directory}
-STEPS=${STEPS:-"ab-1b exactness ab-8b serve-1b-short"}
-# Also: profile llama-1b llama-8b serve-1b (the one-system-after-another runs)
+STEPS=${STEPS:-"serve-1b-short ab-1b-w1 exactness-process"}
+# Also: ab-1b ab-8b ab-8b-process exactness (this stop's interleaved runs and
+# checks, run 20261128-200939-h200), profile llama-1b llama-8b serve-1b (the
+# one-system-after-another runs)
 # On two GPUs (nvidia-h200-x2): STEPS="tp-exactness tp"
 mkdir -p "$OUT"
 export ASYNC_EXECUTOR_RUN_ID=${ASYNC_EXECUTOR_RUN_ID:-$(date +%Y%m%d-%H%M%S)-h200}
@@ -49,12 +51,27 @@ if want ab-1b; then
     --rounds 3 --trace --profile --profile-top 60 --attention-backend FLASH_ATTN \
     --kv-cache-gib 8 --out "$OUT/ab-1b" --timeout 600
 fi
+if want ab-1b-w1; then
+  # The open gap: windows off in the worker process against vLLM's mp
+  # executor, with both profiles (the worker's thread, the engine's thread).
+  step ab-1b-w1
+  python3 -m benchmarks interleave --shape llama-1b --workloads 128x256x1024,32x256x1024 \
+    --systems "vllm-async-mp,async_executor[decode_window=1]" \
+    --rounds 3 --profile --profile-top 80 --attention-backend FLASH_ATTN \
+    --kv-cache-gib 8 --out "$OUT/ab-1b-w1" --timeout 600
+fi
 if want ab-8b; then
   step ab-8b
   python3 -m benchmarks interleave --shape llama-8b --workloads 32x256x1024 \
     --systems "vllm-async,async_executor[decode_window=1],async_executor,async_executor[decode_window=16,$UNBOUNDED]" \
     --rounds 3 --trace --attention-backend FLASH_ATTN --kv-cache-gib 6 \
     --out "$OUT/ab-8b" --timeout 600
+fi
+if want exactness-process; then
+  # The exactness check on the default (worker-process) stage.
+  step exactness-process
+  python3 -m benchmarks.gpu_exactness --out "$OUT/exactness-process" \
+    --variants "decode_window=2,stage=process;decode_window=16,depth=3,stage=process"
 fi
 if want ab-8b-process; then
   # The worker-process stage at 8B, against vLLM's uniproc and mp executors.
