@@ -44,12 +44,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         systems=f"vllm-sync,vllm-async,async_executor,async_executor[decode_window=4,{UNBOUNDED}]",
     ),
     # The 1B shape where vLLM's host work per step exceeds the GPU's; both
-    # workloads on one engine per system. Windows with the latency bounds off:
-    # the mechanism itself.
+    # workloads on one engine per system. vLLM with its default (uniproc)
+    # executor and with its mp executor (faster where the host bounds it).
+    # Windows with the latency bounds off: the mechanism itself.
     "cpu-bound": dict(
         shape="llama-1b", workloads=[(128, 256, 1024), (32, 256, 1024)], device="cuda",
         reps=2, attention_backend="FLASH_ATTN",
-        systems="vllm-async,async_executor," + ",".join(
+        systems="vllm-async,vllm-async-mp,async_executor," + ",".join(
             f"async_executor[decode_window={w},{UNBOUNDED}]" for w in (2, 16)),
     ),
     # The reference design's headline: 8B, 32 sequences, 8K new tokens. Two
