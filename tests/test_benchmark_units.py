@@ -166,3 +166,23 @@ def test_interleaved_ratios_are_paired_by_round() -> None:
     assert summary["fast"]["ratio"] == 2.0 and summary["fast"]["wall_s"] == 1.5
     assert summary["gap"]["ratio_by_round"] == [0.5, 1.0]
     assert summary["gap"]["reps_wall_s"] == [4.0, 3.0]
+
+
+def test_interleaved_table_shows_failed_systems_and_mismatches() -> None:
+    from benchmarks.interleave import table
+
+    base = {"batch": 8, "prompt_len": 4, "gen_len": 16, "card": "CPU"}
+    records = [
+        base | {"system": "vllm-async", "wall_s": 1.0, "tokens_per_s": 128.0,
+                "decode_step_ms": 62.5, "ratio": 1.0, "ratio_by_round": [1.0, 1.0],
+                "same_output_as_first": True, "digests_agree": True},
+        base | {"system": "ours", "wall_s": 0.5, "tokens_per_s": 256.0,
+                "decode_step_ms": 31.2, "ratio": 2.0, "ratio_by_round": [1.8, 2.2],
+                "ceiling_share": 0.9, "same_output_as_first": False, "digests_agree": True},
+        base | {"system": "broken", "error": "its process exited (code 1)"},
+    ]  # fmt: skip
+    lines = table(records).splitlines()
+    ours = next(line for line in lines if line.startswith("ours"))
+    assert "1.80..2.20" in ours and "90.0%" in ours and ours.endswith("NO")
+    broken = next(line for line in lines if line.startswith("broken"))
+    assert "its process exited" in broken
