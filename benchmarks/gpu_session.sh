@@ -57,7 +57,7 @@ if want ab-1b-w1; then
   step ab-1b-w1
   python3 -m benchmarks interleave --shape llama-1b --workloads 128x256x1024,32x256x1024 \
     --systems "vllm-async-mp,async_executor[decode_window=1]" \
-    --rounds 3 --profile --profile-top 80 --attention-backend FLASH_ATTN \
+    --warmup-rounds 1 --rounds 5 --profile --profile-top 80 --attention-backend FLASH_ATTN \
     --kv-cache-gib 8 --out "$OUT/ab-1b-w1" --timeout 600
 fi
 if want ab-8b; then

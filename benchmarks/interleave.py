@@ -12,7 +12,8 @@ varied by 1.5x between sessions on the same kind of card. Here each system
 has its own front-end process and engine (as in `python -m benchmarks`), all
 started together and kept idle while another one runs; the orchestrator then
 runs round after round, each round one call of every system per workload, in
-an order that rotates from round to round. A system's ratio is the median of
+an order that rotates from round to round (after `--warmup-rounds` untimed
+ones: the first round after the engines start ran slower for every system). A system's ratio is the median of
 its per-round ratios to the first system (paired: both calls of a pair ran
 minutes apart at most, under the same conditions).
 
@@ -66,6 +67,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workloads", type=_workloads, required=True, metavar="BxPxG,...")
     p.add_argument("--systems", required=True, help="comma-separated (benchmarks/systems.py)")
     p.add_argument("--rounds", type=int, default=3, help="timed calls per system and workload")
+    p.add_argument("--warmup-rounds", type=int, default=0,
+                   help="untimed rounds first (to settle after the engines start)")  # fmt: skip
     p.add_argument("--trace", action="store_true", help="one kernel-traced call each (GPU)")
     p.add_argument("--profile", action="store_true", help="cProfiled calls (step, engine thread)")
     p.add_argument("--profile-top", type=int, default=40)
@@ -83,6 +86,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    if args.warmup_rounds < 0:
+        p.error("--warmup-rounds must not be negative")
     if not -len(args.workloads) <= args.profile_workload < len(args.workloads):
         p.error(f"--profile-workload {args.profile_workload}: there are "
                 f"{len(args.workloads)} workloads")  # fmt: skip
@@ -430,6 +435,7 @@ def main(argv: list[str]) -> int:
     common = {
         "run_id": run_id, "mode": "interleaved", "shape": args.shape, "tp": args.tp,
         "attention_backend": args.attention_backend, "rounds": args.rounds,
+        "warmup_rounds": args.warmup_rounds,
         "command": "python -m benchmarks interleave " + " ".join(shlex.quote(a) for a in argv),
     }  # fmt: skip
 
@@ -445,6 +451,11 @@ def main(argv: list[str]) -> int:
     extra: dict[tuple[str, int], dict[str, Any]] = {}
     path = out / "interleaved.json"
     try:
+        for round_index in range(args.warmup_rounds):
+            for index in range(len(args.workloads)):
+                for name in round_order(names, round_index):
+                    remotes[names.index(name)].request(op="call", workload=index, mode="timed")
+            print(f"warm-up round {round_index + 1}/{args.warmup_rounds} done", flush=True)
         for round_index in range(args.rounds):
             for index in range(len(args.workloads)):
                 for name in round_order(names, round_index):

@@ -104,6 +104,7 @@ def test_interleaved_rounds_on_cpu(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "interleave", "--shape", "tiny",
          "--workloads", "8x16x24,4x8x12", "--systems", ",".join(systems), "--rounds", "2",
+         "--warmup-rounds", "1",
          "--device", "cpu", "--profile", "--profile-top", "80", "--profile-workload", "0",
          "--out", str(out), "--models-dir", str(tmp_path / "models")],
         cwd=ROOT, capture_output=True, text=True, timeout=850,
@@ -116,6 +117,7 @@ def test_interleaved_rounds_on_cpu(tmp_path: Path) -> None:
     for record in records:
         assert "error" not in record, record
         assert record["mode"] == "interleaved" and record["rounds"] == 2
+        assert record["warmup_rounds"] == 1
         assert len(record["reps_wall_s"]) == 2 and len(record["ratio_by_round"]) == 2
         assert record["generated_tokens"] == record["batch"] * record["gen_len"]
         assert record["digests_agree"] and record["same_output_as_first"], record
