@@ -13,9 +13,10 @@ has its own front-end process and engine (as in `python -m benchmarks`), all
 started together and kept idle while another one runs; the orchestrator then
 runs round after round, each round one call of every system per workload, in
 an order that rotates from round to round (after `--warmup-rounds` untimed
-ones: the first round after the engines start ran slower for every system). A system's ratio is the median of
-its per-round ratios to the first system (paired: both calls of a pair ran
-minutes apart at most, under the same conditions).
+ones: the first round after the engines start ran slower for every system).
+A system's ratio is the median of its per-round ratios to the first system
+(paired: both calls of a pair ran minutes apart at most, under the same
+conditions).
 
 As in `python -m benchmarks`, the step tracer (`async_executor.tracing`,
 a few microseconds per step, the same methods wrapped in every system) is on
