@@ -207,14 +207,18 @@ def test_device_rule_and_tensor_parallel_stages() -> None:
 def test_auto_stage_is_a_worker_process_on_every_device() -> None:
     """`stage="auto"` picks the worker-process stage on CPU and on one GPU
     (measured fastest on both; README, "Settings"), and the short executor
-    name follows it to the multiprocess executor class."""
-    for device, world_size in (("cpu", 1), ("cuda", 1), ("cuda", 2)):
-        assert compatibility.default_stage(device, world_size) == "process"
-        chosen = compatibility._executor(SHORT_NAME, PipelineSettings(), device, world_size)
-        assert chosen == MULTIPROC_EXECUTOR, (device, world_size)
+    name follows it to the multiprocess executor class. The in-process
+    executor, selected by its class name, keeps its worker: on a thread on
+    CPU, on the engine thread on CUDA."""
+    assert compatibility.AUTO_STAGE == "process"
+    assert compatibility._executor(SHORT_NAME, PipelineSettings()) == MULTIPROC_EXECUTOR
     # An explicit in-process stage still selects the in-process executor.
     inline = PipelineSettings(stage="inline")
-    assert compatibility._executor(SHORT_NAME, inline, "cuda", 1) == IN_PROCESS_EXECUTOR
+    assert compatibility._executor(SHORT_NAME, inline) == IN_PROCESS_EXECUTOR
+    for device, expected in (("cpu", "thread"), ("cuda", "inline")):
+        assert compatibility.in_process_stage("auto", device) == expected
+        assert Deployment(IN_PROCESS_EXECUTOR, "auto", device).stage == expected
+        assert Deployment(MULTIPROC_EXECUTOR, "auto", device).stage == "process"
 
 
 @pytest.mark.e2e

@@ -58,9 +58,7 @@ class Deployment:
         """The device stage the executor runs."""
         if self.executor == MULTIPROC_EXECUTOR:
             return "process"
-        if self.stage_setting in ("thread", "inline"):
-            return self.stage_setting
-        return "thread" if self.device == "cpu" else "inline"
+        return in_process_stage(self.stage_setting, self.device)
 
     @classmethod
     def of_engine_args(cls, args: Any, executor: str, settings: PipelineSettings) -> Deployment:
@@ -230,45 +228,48 @@ def executor_kind(backend: Any) -> str | None:
     return None
 
 
-def default_stage(device: str, world_size: int) -> str:
-    """The stage `auto` picks: a worker process per rank, everywhere.
-
-    CPU: the forward pass holds the calling thread and much of it is Python,
-    so only a separate process overlaps it with scheduling. CUDA, one GPU:
-    launches are asynchronous, so the engine thread could launch the steps
-    itself (`inline`), but then scheduling, the output update and the
-    runner's input preparation share one thread and one GIL; in a worker
-    process the runner's host work runs beside the scheduler's. Measured on
-    an H200 with every engine up at once and calls alternated (run
-    20261128-200939-h200, median walls): at 1B, batches 128 and 32, the
-    worker process is 1.18-1.21x inline with windows of 2 and 1.20-1.32x
-    with windows off; equal at 8B. Several ranks need a process each anyway.
-    """
-    del device, world_size  # the same answer for every deployment, for now
-    return "process"
+# The stage `auto` picks: a worker process per rank, everywhere. CPU: the
+# forward pass holds the calling thread and much of it is Python, so only a
+# separate process overlaps it with scheduling. CUDA, one GPU: launches are
+# asynchronous, so the engine thread could launch the steps itself
+# (`inline`), but then scheduling, the output update and the runner's input
+# preparation share one thread and one GIL; in a worker process the runner's
+# host work runs beside the scheduler's. Measured on an H200 with every engine
+# up at once and calls alternated (run 20261128-200939-h200, median walls):
+# at 1B, batches 128 and 32, the worker process is 1.18-1.21x inline with
+# windows of 2 and 1.20-1.32x with windows off; equal at 8B. Several ranks
+# need a process each anyway.
+AUTO_STAGE = "process"
 
 
-def _executor(kind: str, settings: PipelineSettings, device: str, world_size: int) -> str:
-    if kind != SHORT_NAME:
-        return kind
-    # The short name follows the stage (`engine_config.executor_class_for`).
-    stage: str = settings.stage
-    if stage == "auto":
-        stage = default_stage(device, world_size)
+def in_process_stage(stage_setting: str, device: str) -> str:
+    """The stage of a worker in the engine's process (`IN_PROCESS_EXECUTOR`,
+    selected by its class name): the one set, or for `auto` a device-stage
+    thread on CPU (the forward pass holds the calling thread) and the engine
+    thread on CUDA (launches are asynchronous)."""
+    if stage_setting in ("thread", "inline"):
+        return stage_setting
+    return "thread" if device == "cpu" else "inline"
+
+
+def short_name_executor(settings: PipelineSettings) -> str:
+    """The executor the short name selects: it follows the stage
+    (`engine_config.executor_class_for` builds this one)."""
+    stage = AUTO_STAGE if settings.stage == "auto" else settings.stage
     return MULTIPROC_EXECUTOR if stage == "process" else IN_PROCESS_EXECUTOR
+
+
+def _executor(kind: str, settings: PipelineSettings) -> str:
+    return short_name_executor(settings) if kind == SHORT_NAME else kind
 
 
 def deployment_of_engine_args(args: Any) -> Deployment | None:
     """The deployment `EngineArgs` asks for, or None if the executor is not ours."""
-    from vllm.platforms import current_platform
-
     kind = executor_kind(args.distributed_executor_backend)
     if kind is None:
         return None
     settings = PipelineSettings.from_vllm_config(args)
-    device = str(current_platform.device_type)
-    world = args.tensor_parallel_size * args.pipeline_parallel_size
-    return Deployment.of_engine_args(args, _executor(kind, settings, device, world), settings)
+    return Deployment.of_engine_args(args, _executor(kind, settings), settings)
 
 
 def deployment_of_config(vllm_config: Any, executor: str | None = None) -> Deployment | None:
@@ -278,6 +279,4 @@ def deployment_of_config(vllm_config: Any, executor: str | None = None) -> Deplo
     if kind is None:
         return None
     settings = PipelineSettings.from_vllm_config(vllm_config)
-    device = str(vllm_config.device_config.device_type)
-    world = vllm_config.parallel_config.world_size
-    return Deployment.of_config(vllm_config, _executor(kind, settings, device, world), settings)
+    return Deployment.of_config(vllm_config, _executor(kind, settings), settings)

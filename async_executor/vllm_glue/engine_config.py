@@ -34,22 +34,13 @@ _STOCK_SCHEDULERS = (
 )
 
 
-def resolve_stage(settings: PipelineSettings, vllm_config: Any) -> str:
-    """The device stage to use: "process", "thread" or "inline"."""
-    from async_executor.vllm_glue.compatibility import default_stage
-
-    if settings.stage != "auto":
-        return settings.stage
-    return default_stage(
-        str(vllm_config.device_config.device), vllm_config.parallel_config.world_size
-    )
-
-
 def executor_class_for(vllm_config: Any) -> type:
+    """The class the short executor name selects for this config."""
+    from async_executor.vllm_glue.compatibility import MULTIPROC_EXECUTOR, short_name_executor
     from async_executor.vllm_glue.executor import AsyncExecutor, AsyncMultiprocExecutor
 
-    stage = resolve_stage(PipelineSettings.from_vllm_config(vllm_config), vllm_config)
-    return AsyncMultiprocExecutor if stage == "process" else AsyncExecutor
+    executor = short_name_executor(PipelineSettings.from_vllm_config(vllm_config))
+    return AsyncMultiprocExecutor if executor == MULTIPROC_EXECUTOR else AsyncExecutor
 
 
 def apply_pipeline_config(vllm_config: Any, settings: PipelineSettings, executor: str) -> None:

@@ -56,9 +56,13 @@ from async_executor.pipeline.counters import counters_for, release_counters
 from async_executor.pipeline.in_flight import InFlightBatch, InFlightTracker
 from async_executor.pipeline.stage import DeviceStage, StageTimeout
 from async_executor.settings import PipelineSettings
-from async_executor.vllm_glue.compatibility import IN_PROCESS_EXECUTOR, MULTIPROC_EXECUTOR
+from async_executor.vllm_glue.compatibility import (
+    IN_PROCESS_EXECUTOR,
+    MULTIPROC_EXECUTOR,
+    in_process_stage,
+)
 from async_executor.vllm_glue.cpu_runner import install_cpu_runner_fixes
-from async_executor.vllm_glue.engine_config import apply_pipeline_config, resolve_stage
+from async_executor.vllm_glue.engine_config import apply_pipeline_config
 from async_executor.vllm_glue.handoff import detach_grammar_output, detach_scheduler_output
 from async_executor.vllm_glue.window_steps import ran_on_device, window_of
 from async_executor.vllm_glue.window_worker import run_window, to_host
@@ -235,9 +239,11 @@ class AsyncExecutor(_Pipeline, UniProcExecutor):
     def _init_executor(self) -> None:
         self.settings = PipelineSettings.from_vllm_config(self.vllm_config)
         apply_pipeline_config(self.vllm_config, self.settings, IN_PROCESS_EXECUTOR)
-        stage = resolve_stage(self.settings, self.vllm_config)
-        if stage == "process":  # stage "auto" on CPU: this class keeps the worker here
-            stage = "thread"
+        # This class keeps the worker in the engine's process, whatever
+        # `auto` picks for the short executor name.
+        stage = in_process_stage(
+            self.settings.stage, str(self.vllm_config.device_config.device_type)
+        )
         super()._init_executor()
         install_cpu_runner_fixes(self.driver_worker.worker.model_runner)
         device = torch.device(str(self.vllm_config.device_config.device))
