@@ -30,7 +30,10 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from async_executor import PipelineStats, pipeline_config, pipeline_stats
-from async_executor.tiny_llama import build_tiny_llama, corpus_prompts  # noqa: F401 (re-exported to the tests)
+from async_executor.tiny_llama import SPECIAL_TOKENS, build_tiny_llama, corpus_prompts  # noqa: F401 (re-exported to the tests)
+
+# The first token id of the test model's vocabulary that is no special token.
+VOCAB_START = len(SPECIAL_TOKENS)
 
 # Engine settings shared by the baseline and ours.
 ENGINE_DEFAULTS: dict[str, Any] = dict(

@@ -12,6 +12,7 @@ import pytest
 from vllm import SamplingParams
 
 from tests.conftest import (
+    VOCAB_START,
     StepTracer,
     assert_not_overlapped,
     assert_overlapped,
@@ -29,8 +30,6 @@ PIPELINES = [
     pytest.param({}, id="default"),
     pytest.param({"decode_window": 4}, id="window4"),
 ]
-
-VOCAB_START = 4  # ids 0-3 are special tokens
 
 
 def _random_workload(vocab: int, n: int = 120, seed: int = 0) -> tuple[list[Any], list[Any]]:

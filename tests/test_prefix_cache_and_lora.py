@@ -27,6 +27,7 @@ import pytest
 from vllm import SamplingParams
 
 from tests.conftest import (
+    VOCAB_START,
     StepTracer,
     assert_overlapped,
     assert_pipelined,
@@ -45,7 +46,6 @@ PIPELINES = [
     pytest.param({"decode_window": 4}, id="window4"),
 ]
 
-VOCAB_START = 4  # ids 0-3 are special tokens
 
 # -- prefix caching ----------------------------------------------------------
 
