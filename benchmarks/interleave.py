@@ -117,20 +117,17 @@ class _Engine:
             self._warm_up(index)
 
     def _prompts(self, index: int) -> list[Any]:
-        from .run_one import make_prompts
+        from .run_one import token_prompts
 
         if index not in self.prompts:
             batch, prompt_len, _ = self.spec["workloads"][index]
-            tokens = make_prompts(batch, prompt_len, self.spec["vocab_size"])
-            self.prompts[index] = [{"prompt_token_ids": t} for t in tokens]
+            self.prompts[index] = token_prompts(batch, prompt_len, self.spec["vocab_size"])
         return self.prompts[index]
 
     def _warm_up(self, index: int) -> None:
-        from vllm import SamplingParams
+        from .run_one import warm_up
 
-        prompts = self._prompts(index)
-        params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-        self.llm.generate(prompts[: min(len(prompts), 8)], params, use_tqdm=False)
+        warm_up(self.llm, self._prompts(index))
 
     def info(self) -> dict[str, Any]:
         import torch
@@ -154,11 +151,9 @@ class _Engine:
         }
 
     def stats(self) -> dict[str, Any] | None:
-        if not self.system.ours:
-            return None
-        from async_executor import pipeline_stats
+        from .run_one import _pipeline_stats
 
-        return pipeline_stats(self.llm).as_dict()
+        return _pipeline_stats(self.llm, self.system)
 
     def call(self, index: int, mode: str, top: int) -> dict[str, Any]:
         """One call of workload `index`: "timed", "trace" (kernel trace) or

@@ -18,7 +18,6 @@ import os
 import pstats
 import tempfile
 from pathlib import Path
-from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from vllm import LLM, SamplingParams
 
-    from .run_one import make_prompts
+    from .run_one import token_prompts
     from .shapes import materialize
     from .systems import parse_system
 
@@ -57,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     kwargs.update(system.engine_kwargs)
     llm = LLM(model.path, **kwargs)
-    prompts: list[Any] = [{"prompt_token_ids": t} for t in make_prompts(
-        args.batch, args.prompt_len, model.vocab_size)]  # fmt: skip
+    prompts = token_prompts(args.batch, args.prompt_len, model.vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=args.gen_len, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)
     profiler = cProfile.Profile()

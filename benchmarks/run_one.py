@@ -47,6 +47,19 @@ def make_prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list
     return [[rng.randrange(low, vocab) for _ in range(prompt_len)] for _ in range(batch)]
 
 
+def token_prompts(batch: int, prompt_len: int, vocab: int) -> list[Any]:
+    """A workload's prompts (`make_prompts`) as vLLM token-id prompts."""
+    return [{"prompt_token_ids": p} for p in make_prompts(batch, prompt_len, vocab)]
+
+
+def warm_up(llm: Any, prompts: list[Any]) -> None:
+    """A short untimed call on up to 8 of a workload's prompts."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llm.generate(prompts[: min(len(prompts), 8)], params, use_tqdm=False)
+
+
 def digest(token_lists: list[list[int]]) -> str:
     h = hashlib.sha256()
     for tokens in token_lists:
@@ -308,12 +321,9 @@ def run_vllm(spec: dict[str, Any], system: System) -> list[dict[str, Any]]:
     stats_before = _pipeline_stats(llm, system)
     for batch, prompt_len, gen_len in workloads:
         workload = {**spec, "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}
-        prompts: list[Any] = [{"prompt_token_ids": p} for p in make_prompts(
-            batch, prompt_len, spec["vocab_size"])]  # fmt: skip
+        prompts = token_prompts(batch, prompt_len, spec["vocab_size"])
         params = SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True)
-        llm.generate(prompts[: min(len(prompts), 8)],
-                     SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
-                     use_tqdm=False)  # fmt: skip
+        warm_up(llm, prompts)
 
         def generate(prompts: list[Any] = prompts, params: Any = params) -> list[list[int]]:
             outputs = llm.generate(prompts, params, use_tqdm=False)
