@@ -156,8 +156,9 @@ class _Engine:
         return _pipeline_stats(self.llm, self.system)
 
     def call(self, index: int, mode: str, top: int) -> dict[str, Any]:
-        """One call of workload `index`: "timed", "trace" (kernel trace) or
-        "profile" (cProfile of the step thread)."""
+        """One call of workload `index`: "timed", "trace" (kernel trace),
+        "profile" (cProfile of the step thread) or "profile-engine" (of the
+        engine's busy-loop thread)."""
         from vllm import SamplingParams
 
         from async_executor import tracing
@@ -218,7 +219,9 @@ def _serve_system(conn: Connection, spec: dict[str, Any], system_name: str) -> N
     # Engines that start together must not write one compile cache at once.
     os.environ["VLLM_CACHE_ROOT"] = os.path.join(spec["cache_root"], _tag(system_name))
     # The engine's profile methods (`--profile`), installed by the plugin.
-    os.environ["ASYNC_EXECUTOR_ENGINE_PROFILE"] = "1"
+    from async_executor.tracing import ENGINE_PROFILE_FLAG
+
+    os.environ[ENGINE_PROFILE_FLAG] = "1"
     try:
         engine = _Engine(spec, system_name)
         conn.send({"ok": True, **engine.info()})
@@ -477,8 +480,7 @@ def main(argv: list[str]) -> int:
                     if mode == "trace":
                         extra[(remote.name, index)] = reply
                     else:
-                        kind = "profile-engine" if mode == "profile-engine" else "profile"
-                        path_txt = out / f"{kind}-{_tag(remote.name)}-b{batch}.txt"
+                        path_txt = out / f"{mode}-{_tag(remote.name)}-b{batch}.txt"
                         path_txt.write_text(reply["profile"])
     finally:
         for remote in remotes:
