@@ -13,25 +13,27 @@
 # Engine start is 70-110 s on an H200; the interleaved steps start all their
 # engines at once (about 100 s for seven 1B engines), the serving step one
 # server after another (about 3.5 minutes per system for the short sweep).
-# Ordered by what matters most if the session's device time runs out; each
-# step runs even if an earlier one failed. STEPS (default: all) picks steps.
+# STEPS names the steps and their order (put first what matters most if the
+# session's device time runs out); each step runs even if an earlier one
+# failed, and an unknown name stops the session before anything runs.
+# Hazard: `pkill -f PATTERN` also matches the shell of the device command
+# that runs it when that command's text contains the pattern unbracketed
+# (e.g. a watcher script written inline that starts gpu_session.sh): the
+# call then dies with rc -1. Put such scripts in a file first.
 set -u
 OUT=${1:?output directory}
-STEPS=${STEPS:-"serve-1b-short ab-1b-w1 exactness-process"}
-# Also: ab-1b ab-8b ab-8b-process exactness (this stop's interleaved runs and
-# checks, run 20261128-200939-h200), profile llama-1b llama-8b serve-1b (the
-# one-system-after-another runs)
+STEPS=${STEPS:-"serve-8b-short"}
+# Also: serve-1b-short ab-1b-w1 exactness-process (run 20261128-225506-h200),
+# ab-1b ab-8b ab-8b-process exactness (run 20261128-200939-h200), profile
+# llama-1b llama-8b serve-1b (the one-system-after-another runs)
 # On two GPUs (nvidia-h200-x2): STEPS="tp-exactness tp"
 mkdir -p "$OUT"
 export ASYNC_EXECUTOR_RUN_ID=${ASYNC_EXECUTOR_RUN_ID:-$(date +%Y%m%d-%H%M%S)-h200}
 export VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING}
 UNBOUNDED=max_token_gap_ms=0,max_admission_delay_ms=0
 step() { echo "=== $(date +%T) $*"; }
-want() { [[ " $STEPS " == *" $1 "* ]]; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 
-if want profile; then
+run_profile() {
   # Where the host time of a step goes, vLLM async against ours with windows
   # off and with windows of 2 (cProfile of one in-process generate each).
   step profile
@@ -39,8 +41,9 @@ if want profile; then
     python3 -m benchmarks.profile_host --shape llama-1b --batch 128 --prompt-len 256 \
       --gen-len 256 --system "$system" --attention-backend FLASH_ATTN --out "$OUT/profile" --top 40
   done
-fi
-if want ab-1b; then
+}
+
+run_ab_1b() {
   # Every system's engine up at once on the card, calls alternated round by
   # round (benchmarks/interleave.py): vLLM async (uniproc and mp) against ours
   # with windows off, the default window, the worker-process stage, and the
@@ -50,8 +53,9 @@ if want ab-1b; then
     --systems "vllm-async,vllm-async-mp,async_executor[decode_window=1],async_executor,async_executor[stage=process],async_executor[decode_window=1,stage=process],async_executor[decode_window=16,$UNBOUNDED]" \
     --rounds 3 --trace --profile --profile-top 60 --attention-backend FLASH_ATTN \
     --kv-cache-gib 8 --out "$OUT/ab-1b" --timeout 600
-fi
-if want ab-1b-w1; then
+}
+
+run_ab_1b_w1() {
   # The open gap: windows off in the worker process against vLLM's mp
   # executor, with both profiles (the worker's thread, the engine's thread).
   step ab-1b-w1
@@ -59,70 +63,93 @@ if want ab-1b-w1; then
     --systems "vllm-async-mp,async_executor[decode_window=1]" \
     --warmup-rounds 1 --rounds 5 --profile --profile-top 80 --attention-backend FLASH_ATTN \
     --kv-cache-gib 8 --out "$OUT/ab-1b-w1" --timeout 600
-fi
-if want ab-8b; then
+}
+
+run_ab_8b() {
   step ab-8b
   python3 -m benchmarks interleave --shape llama-8b --workloads 32x256x1024 \
     --systems "vllm-async,async_executor[decode_window=1],async_executor,async_executor[decode_window=16,$UNBOUNDED]" \
     --rounds 3 --trace --attention-backend FLASH_ATTN --kv-cache-gib 6 \
     --out "$OUT/ab-8b" --timeout 600
-fi
-if want exactness-process; then
+}
+
+run_exactness_process() {
   # The exactness check on the default (worker-process) stage.
   step exactness-process
   python3 -m benchmarks.gpu_exactness --out "$OUT/exactness-process" \
     --variants "decode_window=2,stage=process;decode_window=16,depth=3,stage=process"
-fi
-if want ab-8b-process; then
+}
+
+run_ab_8b_process() {
   # The worker-process stage at 8B, against vLLM's uniproc and mp executors.
   step ab-8b-process
   python3 -m benchmarks interleave --shape llama-8b --workloads 32x256x1024 \
     --systems "vllm-async,vllm-async-mp,async_executor[stage=process],async_executor[decode_window=1,stage=process]" \
     --rounds 3 --trace --attention-backend FLASH_ATTN --kv-cache-gib 6 \
     --out "$OUT/ab-8b-process" --timeout 600
-fi
-if want exactness; then
+}
+
+run_exactness() {
   # Device-resident windows against vLLM's synchronous path, CUDA graphs on:
   # windows 2 and 16 at depth 2 and 3; EOS, stop strings, logprobs, seeded
   # sampling, n > 1, preemption under a small KV cache.
   step exactness
   python3 -m benchmarks.gpu_exactness --out "$OUT/exactness" \
     --variants "${EXACT_VARIANTS:-decode_window=2;decode_window=16;decode_window=2,depth=3;decode_window=16,depth=3}"
-fi
-if want llama-1b; then
+}
+
+run_llama_1b() {
   # 1B shape at batch 128 and 32 (one engine per system for both): where
   # vLLM's host work per step exceeds the GPU's.
   step llama-1b
   python3 -m benchmarks --shape llama-1b --workloads 128x256x1024,32x256x1024 \
     --systems "vllm-async,async_executor,async_executor[decode_window=2,$UNBOUNDED],async_executor[decode_window=4,$UNBOUNDED],async_executor[decode_window=16,$UNBOUNDED],async_executor[decode_window=2,depth=3,$UNBOUNDED]" \
     --reps 2 --attention-backend FLASH_ATTN --out "$OUT/llama-1b" --timeline --timeout 360
-fi
-if want llama-8b; then
+}
+
+run_llama_8b() {
   # 8B shape at batch 32: GPU-bound already; windows must not cost anything.
   step llama-8b
   python3 -m benchmarks --shape llama-8b --workloads 32x256x1024 \
     --systems "vllm-async,async_executor,async_executor[decode_window=2,$UNBOUNDED],async_executor[decode_window=16,$UNBOUNDED]" \
     --reps 2 --attention-backend FLASH_ATTN --out "$OUT/llama-8b" --timeout 420
-fi
-if want serve-1b; then
+}
+
+run_serve_1b() {
   # A live server: vLLM async against ours (defaults, and a window of 8 with
   # the default latency bounds), Poisson rates and rate inf (SERVING.md).
   step serve-1b
   python3 -m benchmarks serve --preset h200-1b --out "$OUT/serve-1b"
-fi
-if want serve-1b-short; then
-  # The serving sweep cut to fit a session: vLLM async against our defaults.
+}
+
+run_serve_1b_short() {
+  # The serving sweep cut to fit a session: vLLM async against our defaults
+  # and a window of 8 (default latency bounds), light load to vLLM async's
+  # saturation (about 64 req/s, run 20261128-202306-h200), then rate inf.
   step serve-1b-short
   python3 -m benchmarks serve --shape llama-1b --device cuda --attention-backend FLASH_ATTN \
-    --systems "vllm-async,async_executor[stage=process]" --rates 16,64,128 --max-concurrency 256 \
-    --num-prompts 160 --seconds 15 --input-len 256 --output-len 128:512 --out "$OUT/serve-1b"
-fi
-if want tp-exactness; then
+    --systems "vllm-async,async_executor,async_executor[decode_window=8]" --rates 16,32,48,64 \
+    --max-concurrency 256 --num-prompts 160 --seconds 15 --input-len 256 --output-len 128:512 \
+    --out "$OUT/serve-1b"
+}
+
+run_serve_8b_short() {
+  # The same at 8B (about 6 minutes per system): the GPU is the bound here,
+  # so windows must cost nothing.
+  step serve-8b-short
+  python3 -m benchmarks serve --shape llama-8b --device cuda --attention-backend FLASH_ATTN \
+    --systems "vllm-async,async_executor,async_executor[decode_window=8]" --rates 4,16,32,48 \
+    --max-concurrency 256 --num-prompts 100 --seconds 15 --input-len 256 --output-len 128:512 \
+    --out "$OUT/serve-8b"
+}
+
+run_tp_exactness() {
   step tp-exactness
   python3 -m benchmarks.gpu_exactness --tp 2 --out "$OUT/tp-exactness" \
     --variants "decode_window=2;decode_window=16"
-fi
-if want tp; then
+}
+
+run_tp() {
   # Two GPUs, vLLM async through its multiprocess executor against ours (auto
   # picks the worker-process stage for several ranks); busy per rank.
   step tp
@@ -132,5 +159,17 @@ if want tp; then
   python3 -m benchmarks --shape llama-8b --workloads 64x256x1024 --tp 2 \
     --systems "vllm-async-mp,async_executor,async_executor[decode_window=4,$UNBOUNDED]" \
     --reps 1 --attention-backend FLASH_ATTN --out "$OUT/tp-llama-8b" --timeout 480
-fi
+}
+
+for name in $STEPS; do
+  if ! declare -F "run_${name//-/_}" > /dev/null; then
+    echo "unknown step: $name" >&2
+    exit 2
+  fi
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+for name in $STEPS; do
+  "run_${name//-/_}"
+done
 step "session done: $ASYNC_EXECUTOR_RUN_ID"

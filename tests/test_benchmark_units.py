@@ -186,3 +186,28 @@ def test_interleaved_table_shows_failed_systems_and_mismatches() -> None:
     assert "1.80..2.20" in ours and "90.0%" in ours and ours.endswith("NO")
     broken = next(line for line in lines if line.startswith("broken"))
     assert "its process exited" in broken
+
+
+def test_gpu_session_script_checks_its_steps_before_running_any(tmp_path: Any) -> None:
+    """benchmarks/gpu_session.sh runs STEPS in the order given; a misspelt
+    step must stop it before any GPU work starts (a GPU session has no time
+    to lose on a typo found after the first ten minutes)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_session.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    defined = set(re.findall(r"^run_([a-z0-9_]+)\(\) \{", text, re.M))
+    default = re.search(r'STEPS=\$\{STEPS:-"([^"]*)"\}', text)
+    assert default is not None
+    for name in default.group(1).split():
+        assert name.replace("-", "_") in defined, name
+    env = {"PATH": "/usr/bin:/bin", "STEPS": "serve-8b-short no-such-step"}
+    done = subprocess.run(
+        ["bash", str(script), str(tmp_path / "out")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "unknown step: no-such-step" in done.stderr
+    assert "===" not in done.stdout  # no step began
