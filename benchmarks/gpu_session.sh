@@ -122,25 +122,30 @@ run_serve_1b() {
   python3 -m benchmarks serve --preset h200-1b --out "$OUT/serve-1b"
 }
 
+# A serving sweep cut to fit a session: 15 s of Poisson arrivals per rate,
+# then rate inf at max concurrency 256; 256-token prompts, 128-512 new tokens.
+# Arguments: shape, systems, rates, requests per rate at least, output dir.
+serve_sweep() {
+  python3 -m benchmarks serve --shape "$1" --device cuda --attention-backend FLASH_ATTN \
+    --systems "$2" --rates "$3" --max-concurrency 256 --num-prompts "$4" --seconds 15 \
+    --input-len 256 --output-len 128:512 --out "$5"
+}
+
 run_serve_1b_short() {
-  # The serving sweep cut to fit a session: vLLM async against our defaults
-  # and a window of 8 (default latency bounds), light load to vLLM async's
-  # saturation (about 64 req/s, run 20261128-202306-h200), then rate inf.
+  # vLLM async against our defaults and a window of 8 (default latency
+  # bounds), light load to vLLM async's saturation (48-64 req/s, run
+  # 20261128-225506-h200).
   step serve-1b-short
-  python3 -m benchmarks serve --shape llama-1b --device cuda --attention-backend FLASH_ATTN \
-    --systems "vllm-async,async_executor,async_executor[decode_window=8]" --rates 16,32,48,64 \
-    --max-concurrency 256 --num-prompts 160 --seconds 15 --input-len 256 --output-len 128:512 \
-    --out "$OUT/serve-1b"
+  serve_sweep llama-1b "vllm-async,async_executor,async_executor[decode_window=8]" \
+    16,32,48,64 160 "$OUT/serve-1b"
 }
 
 run_serve_8b_short() {
   # The same at 8B (about 6 minutes per system): the GPU is the bound here,
   # so windows must cost nothing.
   step serve-8b-short
-  python3 -m benchmarks serve --shape llama-8b --device cuda --attention-backend FLASH_ATTN \
-    --systems "vllm-async,async_executor,async_executor[decode_window=8]" --rates 4,16,32,48 \
-    --max-concurrency 256 --num-prompts 100 --seconds 15 --input-len 256 --output-len 128:512 \
-    --out "$OUT/serve-8b"
+  serve_sweep llama-8b "vllm-async,async_executor,async_executor[decode_window=8]" \
+    4,16,32,48 100 "$OUT/serve-8b"
 }
 
 run_tp_exactness() {
