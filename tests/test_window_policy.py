@@ -147,3 +147,49 @@ def test_an_admissible_arrival_closes_windows_at_once(tiny_model: str) -> None:
         first_token_at,
         arrival,
     )
+
+
+@pytest.mark.parametrize(
+    "settings", [{"decode_window": 8}, {"decode_window": 1, "depth": 3}], ids=["window", "depth3"]
+)
+def test_an_arrival_does_not_reschedule_a_request_whose_last_tokens_are_in_flight(
+    tiny_model: str, settings: dict[str, Any]
+) -> None:
+    """A window (or a third batch in flight) holds a request's last tokens
+    when an admissible request arrives. The arrival closes windows, but the
+    finished request must not be scheduled again: vLLM's own skip of such a
+    request assumes one token in flight; with more in flight it would run one
+    more step for it, computed and dropped (seen as wasted tokens under
+    `vllm serve`)."""
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (13, 21, 29, 37)
+    ]
+    late = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    with engine(tiny_model, ours=True, settings=settings) as llm:
+        eng = llm.llm_engine
+        scheduler = eng.engine_core.engine_core.scheduler
+
+        def last_tokens_in_flight() -> bool:
+            return any(
+                r.num_output_placeholders > 1
+                and r.max_tokens - r.num_output_tokens - r.num_output_placeholders <= 0
+                for r in scheduler.running
+            )
+
+        for i, (prompt, p) in enumerate(zip(corpus_prompts(4), params, strict=True)):
+            eng.add_request(f"r{i}", prompt, p)
+        lengths: dict[str, int] = {}
+        arrivals = 0
+        while eng.has_unfinished_requests():
+            if arrivals < 3 and last_tokens_in_flight():
+                arrivals += 1
+                eng.add_request(f"late{arrivals}", corpus_prompts(5)[-1], late)
+            for out in eng.step():
+                if out.finished:
+                    lengths[out.request_id] = len(out.outputs[0].token_ids)
+        counts = stats(llm)
+    assert arrivals == 3, "no request had several last tokens in flight"
+    assert lengths == {"r0": 13, "r1": 21, "r2": 29, "r3": 37} | {
+        f"late{i}": 8 for i in (1, 2, 3)
+    }, lengths
+    assert counts.wasted_tokens_dropped == 0, counts

@@ -152,8 +152,8 @@ class _PipelineScheduling:
         return False
 
     def _open_windows(self) -> None:
-        if self._admissible_waiter():
-            return
+        """Skip requests whose last tokens are all in flight; then, if no
+        admissible request waits, choose one window for the batch."""
         live: list[Request] = []
         remaining: list[int] = []
         computed: list[int] = []
@@ -162,20 +162,24 @@ class _PipelineScheduling:
             left = r.max_tokens - r.num_output_tokens - r.num_output_placeholders
             if left <= 0:
                 # All its tokens up to max_tokens are in flight: skip it this
-                # step (vLLM's own skip only covers one token in flight). Its
-                # last batch resolves and finishes it.
+                # step, windows or not. Hazard: vLLM's own skip of such a
+                # request assumes one token in flight; with a window's w in
+                # flight it schedules one step more, computed and dropped.
+                # Its last batch resolves and finishes it.
                 r.next_decode_eligible_step = self.current_step + 2
+                continue
+            if single:
                 continue
             if (
                 r.use_structured_output
                 or r.num_tokens + r.num_output_placeholders - r.num_computed_tokens > 1
             ):
                 single = True
-                break
+                continue
             live.append(r)
             remaining.append(left)
             computed.append(r.num_computed_tokens)
-        if single or not live:
+        if self._max_window <= 1 or single or not live or self._admissible_waiter():
             return
         now = time.perf_counter_ns()
         # Every KV cache group takes its blocks from the one pool.
@@ -224,7 +228,9 @@ class _PipelineScheduling:
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         if self._depth > 2:
             self._hold_back_structured_output()
-        if self._max_window > 1:
+        # More than one token of a request can be in flight only in a window
+        # or with more than two batches in flight.
+        if self._max_window > 1 or self._depth > 2:
             self._open_windows()
         output = super().schedule(*args, **kwargs)  # type: ignore[misc]
         self._num_scheduled += 1
