@@ -67,20 +67,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         rates=[8.0, 48.0], max_concurrency=8, num_prompts=24,
         input_len=32, output_len=(32, 96),
     ),
-    # Dummy weights on one H200. Per system about 4-5 minutes: 45-95 s to
-    # start, 20 s of arrivals per Poisson rate (at least num_prompts), and
-    # max(num_prompts, 4 x 256) requests at rate inf. Rates run from light
-    # load past the point where vLLM's queue grows.
+    # Dummy weights on one H200. Per system about 6-8 minutes: about 140 s to
+    # start, and per rate 20 s of Poisson arrivals (at least num_prompts) plus
+    # about 25 s of `vllm bench serve` start-up; max(num_prompts, 4 x 256)
+    # requests at rate inf. Rates run from light load past the point where
+    # vLLM async's queue grows (1B: between 48 and 64 req/s, run
+    # 20261128-225506-h200); 1B's 96 is meant to lie past ours.
     "h200-1b": dict(
         shape="llama-1b", device="cuda", attention_backend="FLASH_ATTN",
         systems="vllm-async,async_executor,async_executor[decode_window=8]",
-        rates=[8.0, 32.0, 64.0, 96.0, 128.0, 160.0], max_concurrency=256, num_prompts=160,
+        rates=[16.0, 32.0, 48.0, 64.0, 96.0], max_concurrency=256, num_prompts=160,
         seconds=20.0, input_len=256, output_len=(128, 512),
     ),
     "h200-8b": dict(
         shape="llama-8b", device="cuda", attention_backend="FLASH_ATTN",
         systems="vllm-async,async_executor,async_executor[decode_window=8]",
-        rates=[4.0, 8.0, 16.0, 32.0, 48.0], max_concurrency=256, num_prompts=100,
+        rates=[4.0, 16.0, 32.0, 48.0], max_concurrency=256, num_prompts=100,
         seconds=20.0, input_len=256, output_len=(128, 512),
     ),
 }  # fmt: skip
