@@ -22,8 +22,8 @@
 # call then dies with rc -1. Put such scripts in a file first.
 set -u
 OUT=${1:?output directory}
-STEPS=${STEPS:-"serve-8b-short"}
-# Also: serve-1b-short ab-1b-w1 exactness-process (run 20261128-225506-h200),
+STEPS=${STEPS:-"serve-8b-interleaved"}
+# Also: serve-8b-short (the same one server after another), serve-1b-short ab-1b-w1 exactness-process (run 20261128-225506-h200),
 # ab-1b ab-8b ab-8b-process exactness (run 20261128-200939-h200), profile
 # llama-1b llama-8b serve-1b (the one-system-after-another runs)
 # On two GPUs (nvidia-h200-x2): STEPS="tp-exactness tp"
@@ -124,11 +124,12 @@ run_serve_1b() {
 
 # A serving sweep cut to fit a session: 15 s of Poisson arrivals per rate,
 # then rate inf at max concurrency 256; 256-token prompts, 128-512 new tokens.
-# Arguments: shape, systems, rates, requests per rate at least, output dir.
+# Arguments: shape, systems, rates, requests per rate at least, output dir,
+# then any more flags of `python -m benchmarks serve`.
 serve_sweep() {
   python3 -m benchmarks serve --shape "$1" --device cuda --attention-backend FLASH_ATTN \
     --systems "$2" --rates "$3" --max-concurrency 256 --num-prompts "$4" --seconds 15 \
-    --input-len 256 --output-len 128:512 --out "$5"
+    --input-len 256 --output-len 128:512 --out "$5" "${@:6}"
 }
 
 run_serve_1b_short() {
@@ -146,6 +147,18 @@ run_serve_8b_short() {
   step serve-8b-short
   serve_sweep llama-8b "vllm-async,async_executor,async_executor[decode_window=8]" \
     4,16,32,48 100 "$OUT/serve-8b"
+}
+
+run_serve_8b_interleaved() {
+  # The 8B sweep with the three servers up at once on the card and each rate
+  # run on all three in turn (SERVING.md, "Interleaved runs"): one start for
+  # all (about 3 minutes), the systems measured minutes apart at most. A
+  # fixed 20 GiB KV cache each (concurrency 256 x 576 tokens on average
+  # needs about 18 GiB at 8B). If the servers do not all start, fall back
+  # to serve-8b-short.
+  step serve-8b-interleaved
+  serve_sweep llama-8b "vllm-async,async_executor,async_executor[decode_window=8]" \
+    4,16,32,48 100 "$OUT/serve-8b-interleaved" --interleave --kv-cache-gib 20
 }
 
 run_tp_exactness() {

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ from .serve_records import (
     PERCENTILES,
     BenchResultError,
     metrics_from_bench,
+    paired_ratios,
+    paired_table,
     rate_label,
     stats_delta,
     summary_table,
@@ -51,6 +54,7 @@ from .serve_server import (
     machine_name,
     read_pipeline_stats,
     running_server,
+    running_servers,
     serve_flags,
 )
 from .shapes import Model, materialize
@@ -166,7 +170,29 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--models-dir", help="where model directories are written")
     p.add_argument("--start-timeout", type=int, default=600, help="seconds for a server to start")
     p.add_argument("--rate-timeout", type=int, default=900, help="seconds per `vllm bench serve`")
-    return p.parse_args(argv)
+    p.add_argument("--interleave", action="store_true",
+                   help="start every system's server at once and run each rate on all of "
+                   "them in turn, in an order that rotates from rate to rate")  # fmt: skip
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --interleave: sweeps through all rates (paired ratios per round)",
+    )
+    p.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=16.0,
+        help="with --interleave on a GPU: each server's fixed KV cache",
+    )
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    if args.rounds > 1 and not args.interleave:
+        p.error("--rounds needs --interleave")
+    if args.kv_cache_gib <= 0:
+        p.error("--kv-cache-gib must be positive")
+    return args
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -256,8 +282,10 @@ def _tag(text: str) -> str:
 
 
 def measure_rate(server: Server, system: System, model: Model, sweep: Sweep, index: int,
-                 rate: float, out: Path, timeout_s: int) -> dict[str, Any]:  # fmt: skip
-    tag = f"{_tag(system.name)}-{model.shape}-rate{rate_label(rate)}"
+                 rate: float, out: Path, timeout_s: int,
+                 suffix: str = "") -> dict[str, Any]:  # fmt: skip
+    """One `vllm bench serve` of one rate; `index` picks its prompts' seed."""
+    tag = f"{_tag(system.name)}-{model.shape}-rate{rate_label(rate)}{suffix}"
     result = out / "bench" / f"{tag}.json"
     result.unlink(missing_ok=True)
     log = out / "logs" / f"{tag}.bench.log"
@@ -289,6 +317,113 @@ def _counters(server: Server) -> dict[str, Any]:
         return read_pipeline_stats(server.base_url)
     except (OSError, KeyError, ValueError) as e:  # URLError is an OSError
         raise ServerError(f"pipeline counters unreadable: {e!r}") from e
+
+
+Save = Callable[[dict[str, Any]], None]
+
+
+def _run_one_after_another(args: argparse.Namespace, cfg: dict[str, Any], model: Model,
+                           systems: list[System], sweep: Sweep, flags: list[str],
+                           common: dict[str, Any], out: Path, save: Save) -> None:  # fmt: skip
+    """Each system's server in turn, through every rate."""
+    for system in systems:
+        base = common | {"system": system.name, "settings": system.settings}
+        log = out / "logs" / f"{_tag(system.name)}-{model.shape}.serve.log"
+        print(f"{system.name}: starting `vllm serve` (log {log})", flush=True)
+        try:
+            with running_server(model.path, flags + serve_flags(system), log,
+                                args.start_timeout) as server:  # fmt: skip
+                base |= log_facts(log) | {"server_start_s": round(server.start_s, 1),
+                                          "serve_command": shlex.join(server.argv)}  # fmt: skip
+                print(f"{system.name}: ready in {server.start_s:.0f} s", flush=True)
+                for index, rate in enumerate(sweep.rates):
+                    began = time.monotonic()
+                    record = base | measure_rate(server, system, model, sweep, index, rate,
+                                                 out, args.rate_timeout)  # fmt: skip
+                    save(record)
+                    print(f"{system.name}: rate {rate_label(rate)} done in "
+                          f"{time.monotonic() - began:.0f} s", flush=True)  # fmt: skip
+                    if not server.alive():
+                        raise ServerError(f"server died at rate {rate_label(rate)}:\n"
+                                          f"{server.log_tail()}")  # fmt: skip
+        except ServerError as e:
+            print(f"\n{system.name}: {e}")
+            save(base | {"error": str(e).splitlines()[0], "serve_log": str(log)})
+
+
+def rotated(items: list[Any], turn: int) -> list[Any]:
+    """The order of turn k: items[k % n:] + items[:k % n], so that over n turns
+    every item runs once in every position."""
+    k = turn % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
+def interleaved_flags(device: str, n_servers: int, kv_cache_gib: float) -> list[str]:
+    """Per server, where several share one GPU: a fixed KV cache, and a
+    memory share that only the start-up check reads (every server must pass
+    it while the others start too), as the offline interleaved runs do."""
+    if device != "cuda":
+        return []  # the CPU flags fix the KV cache already
+    return ["--gpu-memory-utilization", str(round(0.8 / n_servers, 3)),
+            "--kv-cache-memory-bytes", str(int(kv_cache_gib * (1 << 30)))]  # fmt: skip
+
+
+def _run_interleaved(args: argparse.Namespace, cfg: dict[str, Any], model: Model,
+                     systems: list[System], sweep: Sweep, flags: list[str],
+                     common: dict[str, Any], out: Path, save: Save) -> None:  # fmt: skip
+    """Every system's server up at once; each rate runs on all of them in
+    turn (one server busy at a time), the order rotating from rate to rate,
+    for `--rounds` sweeps. Machine drift then lands on every system alike
+    within minutes, rather than on whichever system ran last."""
+    names = [s.name for s in systems]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"a system is named twice in {cfg['systems']!r}")
+    cache_root = Path(tempfile.mkdtemp(prefix="async_executor_serve_cache_"))
+    shared = interleaved_flags(cfg["device"], len(systems), args.kv_cache_gib)
+    logs = [out / "logs" / f"{_tag(s.name)}-{model.shape}.serve.log" for s in systems]
+    specs = [
+        # Compile caches apart: servers starting together must not race on one.
+        (model.path, flags + shared + serve_flags(s), log,
+         {"VLLM_CACHE_ROOT": str(cache_root / _tag(s.name))})
+        for s, log in zip(systems, logs, strict=True)
+    ]  # fmt: skip
+    print(f"starting {len(systems)} servers at once (logs in {out / 'logs'})", flush=True)
+    with running_servers(specs, args.start_timeout) as started:
+        live: list[tuple[System, Server, dict[str, Any]]] = []
+        for system, log, server in zip(systems, logs, started, strict=True):
+            base = common | {"system": system.name, "settings": system.settings,
+                             "interleaved": True}  # fmt: skip
+            if isinstance(server, ServerError):
+                print(f"\n{system.name}: {server}")
+                save(base | {"error": str(server).splitlines()[0], "serve_log": str(log)})
+                continue
+            base |= log_facts(log) | {"server_start_s": round(server.start_s, 1),
+                                      "serve_command": shlex.join(server.argv)}  # fmt: skip
+            live.append((system, server, base))
+        print("servers up: " + ", ".join(f"{s.name} in {v.start_s:.0f} s" for s, v, _ in live),
+              flush=True)  # fmt: skip
+        dead: set[str] = set()
+        for round_ in range(args.rounds):
+            for index, rate in enumerate(sweep.rates):
+                turn = round_ * len(sweep.rates) + index
+                for position, (system, server, base) in enumerate(rotated(live, turn)):
+                    if not server.alive():
+                        if system.name not in dead:  # recorded once; the others go on
+                            dead.add(system.name)
+                            print(f"\n{system.name}: server died:\n{server.log_tail()}")
+                            error = f"server died before rate {rate_label(rate)}, round {round_}"
+                            save(base | {"error": error, "serve_log": str(server.log)})
+                        continue
+                    began = time.monotonic()
+                    suffix = f"-round{round_}" if args.rounds > 1 else ""
+                    # Each round its own prompts: no prefix-cache hits on an
+                    # earlier round's.
+                    record = base | measure_rate(server, system, model, sweep, turn, rate, out,
+                                                 args.rate_timeout, suffix)  # fmt: skip
+                    save(record | {"round": round_, "position": position})
+                    print(f"round {round_ + 1}/{args.rounds}, rate {rate_label(rate)}: "
+                          f"{system.name} done in {time.monotonic() - began:.0f} s",
+                          flush=True)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,31 +460,14 @@ def main(argv: list[str] | None = None) -> int:
         # After every rate: a run cut short keeps what it measured.
         (out / "serve.json").write_text(json.dumps(records, indent=1))
 
-    for system in systems:
-        base = common | {"system": system.name, "settings": system.settings}
-        log = out / "logs" / f"{_tag(system.name)}-{model.shape}.serve.log"
-        print(f"{system.name}: starting `vllm serve` (log {log})", flush=True)
-        try:
-            with running_server(model.path, flags + serve_flags(system), log,
-                                args.start_timeout) as server:  # fmt: skip
-                base |= log_facts(log) | {"server_start_s": round(server.start_s, 1),
-                                          "serve_command": shlex.join(server.argv)}  # fmt: skip
-                print(f"{system.name}: ready in {server.start_s:.0f} s", flush=True)
-                for index, rate in enumerate(sweep.rates):
-                    began = time.monotonic()
-                    record = base | measure_rate(server, system, model, sweep, index, rate,
-                                                 out, args.rate_timeout)  # fmt: skip
-                    save(record)
-                    print(f"{system.name}: rate {rate_label(rate)} done in "
-                          f"{time.monotonic() - began:.0f} s", flush=True)  # fmt: skip
-                    if not server.alive():
-                        raise ServerError(f"server died at rate {rate_label(rate)}:\n"
-                                          f"{server.log_tail()}")  # fmt: skip
-        except ServerError as e:
-            print(f"\n{system.name}: {e}")
-            save(base | {"error": str(e).splitlines()[0], "serve_log": str(log)})
+    run = _run_interleaved if args.interleave else _run_one_after_another
+    run(args, cfg, model, systems, sweep, flags, common, out, save)
 
     print(summary_table(records))
+    if args.interleave:
+        paired = paired_ratios(records, systems[0].name)
+        (out / "serve-paired.json").write_text(json.dumps(paired, indent=1))
+        print(paired_table(paired, systems[0].name))
     from .serve_plot import draw_serving
 
     picture = draw_serving(records, out / "serve.png")

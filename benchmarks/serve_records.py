@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from statistics import median
 from typing import Any
 
 # What `vllm bench serve --percentile-metrics ... --metric-percentiles ...`
@@ -116,4 +117,65 @@ def summary_table(records: list[dict[str, Any]]) -> str:
                 f"{_ms(r['itl_ms_p50']):>8} {_ms(r['e2el_ms_p50']):>9} "
                 f"{stats.get('windowed_batches', '-'):>8}"
             )
+    return "\n".join(lines)
+
+
+# What the paired summary of an interleaved run compares, per round.
+PAIRED_RATIOS = (
+    ("output_tokens_per_s", "output"),
+    ("ttft_ms_p99", "ttft_p99"),
+    ("tpot_ms_p50", "tpot_p50"),
+)
+
+
+def paired_ratios(records: list[dict[str, Any]], base: str) -> list[dict[str, Any]]:
+    """Per system and rate of an interleaved run: each figure of
+    `PAIRED_RATIOS` over the base system's in the same round, the median of
+    those ratios and the ratios by round (rounds where either side failed
+    are left out), and the median ITL p99."""
+    measured = {(r["system"], str(r["request_rate"]), r.get("round", 0)): r
+                for r in records if not r.get("error") and r.get("completed")}  # fmt: skip
+    out: list[dict[str, Any]] = []
+    systems = list(dict.fromkeys(s for s, _, _ in measured))
+    rates = sorted({q for _, q, _ in measured}, key=lambda q: float(q))
+    for system, rate in ((s, q) for q in rates for s in systems):
+        rounds = sorted(k for s, q, k in measured if (s, q) == (system, rate)
+                        and (base, rate, k) in measured)  # fmt: skip
+        if not rounds:
+            continue
+        row: dict[str, Any] = {"system": system, "request_rate": measured[(system, rate, rounds[0])]
+                               ["request_rate"], "rounds": rounds}  # fmt: skip
+        for key, name in PAIRED_RATIOS:
+            # None where the base's figure is 0 (on CPU a TPOT can be).
+            by_round = [_ratio(measured[(system, rate, k)][key], measured[(base, rate, k)][key])
+                        for k in rounds]  # fmt: skip
+            known = [x for x in by_round if x is not None]
+            row[f"{name}_ratio"] = float(median(known)) if known else None
+            row[f"{name}_ratio_by_round"] = by_round
+        row["itl_ms_p99"] = float(median([measured[(system, rate, k)]["itl_ms_p99"]
+                                          for k in rounds]))  # fmt: skip
+        out.append(row)
+    return out
+
+
+def _ratio(value: float, base: float) -> float | None:
+    return round(value / base, 4) if base else None
+
+
+def paired_table(rows: list[dict[str, Any]], base: str) -> str:
+    lines = [f"\npaired with {base}, same round (median over rounds; range)",
+             f"{'system':36} {'rate':>6} {'output':>15} {'TTFT p99':>15} {'TPOT p50':>15} "
+             f"{'ITL p99 ms':>10}"]  # fmt: skip
+
+    def cell(row: dict[str, Any], name: str) -> str:
+        known = [x for x in row[f"{name}_ratio_by_round"] if x is not None]
+        if not known:
+            return "-"
+        return f"{row[f'{name}_ratio']:.2f}x ({min(known):.2f}-{max(known):.2f})"
+
+    for row in rows:
+        rate = rate_label(float(row["request_rate"]))
+        lines.append(f"{row['system']:36} {rate:>6} {cell(row, 'output'):>15} "
+                     f"{cell(row, 'ttft_p99'):>15} {cell(row, 'tpot_p50'):>15} "
+                     f"{row['itl_ms_p99']:>10.1f}")  # fmt: skip
     return "\n".join(lines)

@@ -89,6 +89,7 @@ class Server:
     log: Path
     start_s: float
     proc: subprocess.Popen[bytes]
+    launched: float = 0.0  # time.monotonic() at spawn
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -118,31 +119,70 @@ def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 30) -> None:
         time.sleep(0.2)
 
 
-@contextlib.contextmanager
-def running_server(model: str, flags: list[str], log: Path, timeout_s: float) -> Iterator[Server]:
+def launch_server(model: str, flags: list[str], log: Path,
+                  env: dict[str, str] | None = None) -> Server:  # fmt: skip
+    """Spawn `vllm serve` in its own process group; not yet ready (see
+    `wait_ready`), and the caller stops it (`stop_group`)."""
     port = free_port()
     name = f"bench-serve-{uuid.uuid4().hex[:8]}"
     argv = [*VLLM_CLI, "serve", model, "--served-model-name", name,
             "--host", "127.0.0.1", "--port", str(port), *flags]  # fmt: skip
-    env = {
+    full_env = {
         **os.environ,
         "VLLM_SERVER_DEV_MODE": "1",  # /collective_rpc, for our counters
         "VLLM_ENABLE_V1_MULTIPROCESSING": "1",  # a server's engine in its own process
         "VLLM_LOGGING_LEVEL": "INFO",  # the log names the attention backend
         "PYTHONUNBUFFERED": "1",
+        **(env or {}),
     }
-    base_url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     with log.open("wb") as fh:
-        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=full_env,
                                 start_new_session=True)  # fmt: skip
-    server = Server(base_url, name, argv, log, 0.0, proc)
+    return Server(f"http://127.0.0.1:{port}", name, argv, log, 0.0, proc, started)
+
+
+def wait_ready(server: Server, deadline: float) -> None:
+    """Until the server answers as itself; ServerError if it exits or the
+    deadline (time.monotonic) passes. Sets its start_s."""
+    _wait_ready(server, deadline)
+    server.start_s = time.monotonic() - server.launched
+
+
+@contextlib.contextmanager
+def running_server(model: str, flags: list[str], log: Path, timeout_s: float) -> Iterator[Server]:
+    server = launch_server(model, flags, log)
     try:
-        _wait_ready(server, started + timeout_s)
-        server.start_s = time.monotonic() - started
+        wait_ready(server, server.launched + timeout_s)
         yield server
     finally:
-        stop_group(proc)
+        stop_group(server.proc)
+
+
+@contextlib.contextmanager
+def running_servers(
+    specs: list[tuple[str, list[str], Path, dict[str, str]]], timeout_s: float
+) -> Iterator[list[Server | ServerError]]:
+    """Several servers started at once (model, flags, log, extra environment
+    each): per spec the ready server or why it is not. All are stopped on
+    exit, also on an error or Ctrl-C."""
+    servers: list[Server] = []
+    try:
+        for model, flags, log, env in specs:
+            servers.append(launch_server(model, flags, log, env))
+        deadline = time.monotonic() + timeout_s
+        ready: list[Server | ServerError] = []
+        for server in servers:
+            try:
+                wait_ready(server, deadline)
+                ready.append(server)
+            except ServerError as e:
+                stop_group(server.proc)  # its memory, for the others
+                ready.append(e)
+        yield ready
+    finally:
+        for server in servers:
+            stop_group(server.proc)
 
 
 def _wait_ready(server: Server, deadline: float) -> None:

@@ -15,13 +15,23 @@ from typing import Any
 import numpy as np
 import pytest
 
-from benchmarks.serve import CPU_FLAGS, PRESETS, Sweep, bench_argv, engine_flags
+from benchmarks.serve import (
+    CPU_FLAGS,
+    PRESETS,
+    Sweep,
+    bench_argv,
+    engine_flags,
+    interleaved_flags,
+    rotated,
+)
 from benchmarks.serve_plot import draw_serving
 from benchmarks.serve_records import (
     PERCENTILES,
     REQUIRED_FIELDS,
     BenchResultError,
     metrics_from_bench,
+    paired_ratios,
+    paired_table,
     stats_delta,
     summary_table,
 )
@@ -189,6 +199,62 @@ def test_table_and_picture_from_records(tmp_path: Path) -> None:
     assert draw_serving(records[-1:], tmp_path / "none.png") is None
 
 
+def test_interleaved_order_rotates_and_servers_share_the_gpu() -> None:
+    systems = ["a", "b", "c"]
+    orders = [rotated(systems, turn) for turn in range(4)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    # Over n turns every system runs once in every position.
+    for position in range(3):
+        assert sorted(order[position] for order in orders[:3]) == systems
+    assert rotated([], 5) == []
+    assert interleaved_flags("cpu", 3, 16) == []
+    flags = interleaved_flags("cuda", 3, 1.5)
+    assert flags == ["--gpu-memory-utilization", "0.267",
+                     "--kv-cache-memory-bytes", str(3 << 29)]  # fmt: skip
+
+
+def test_paired_ratios_pair_each_round_with_the_base() -> None:
+    def rec(system: str, rate: Any, round_: int, tok: float, ttft: float, tpot: float,
+            **extra: Any) -> dict[str, Any]:  # fmt: skip
+        return {"system": system, "request_rate": rate, "round": round_, "completed": 10,
+                "output_tokens_per_s": tok, "ttft_ms_p99": ttft, "tpot_ms_p50": tpot,
+                "itl_ms_p99": 5.0 * (round_ + 1)} | extra  # fmt: skip
+
+    records = [
+        rec("base", 8.0, 0, 100, 50, 2.0), rec("ours", 8.0, 0, 110, 25, 1.0),
+        rec("base", "inf", 0, 200, 80, 0.0), rec("ours", "inf", 0, 300, 40, 1.0),
+        rec("base", 8.0, 1, 100, 50, 2.0), rec("ours", 8.0, 1, 130, 50, 1.5),
+        # Round 1 at inf: ours failed, so only round 0 pairs there.
+        rec("base", "inf", 1, 200, 80, 1.0), {"system": "ours", "request_rate": "inf",
+                                             "round": 1, "error": "server died"},
+    ]  # fmt: skip
+    rows = {(r["system"], str(r["request_rate"])): r for r in paired_ratios(records, "base")}
+    assert list(rows) == [("base", "8.0"), ("ours", "8.0"), ("base", "inf"), ("ours", "inf")]
+    at8 = rows[("ours", "8.0")]
+    assert at8["rounds"] == [0, 1] and at8["output_ratio_by_round"] == [1.1, 1.3]
+    assert at8["output_ratio"] == pytest.approx(1.2)
+    assert at8["ttft_p99_ratio_by_round"] == [0.5, 1.0] and at8["tpot_p50_ratio"] == 0.625
+    assert at8["itl_ms_p99"] == 7.5
+    at_inf = rows[("ours", "inf")]
+    assert at_inf["rounds"] == [0] and at_inf["output_ratio"] == 1.5
+    # The base's TPOT was 0 in that round: no ratio, not a division error.
+    assert at_inf["tpot_p50_ratio_by_round"] == [None] and at_inf["tpot_p50_ratio"] is None
+    assert rows[("base", "8.0")]["output_ratio"] == 1.0
+    table = paired_table(list(rows.values()), "base")
+    (line,) = [t for t in table.splitlines() if t.startswith("ours") and " 8 " in t]
+    assert "1.20x (1.10-1.30)" in line and "0.62x (0.50-0.75)" in line
+    (line,) = [t for t in table.splitlines() if t.startswith("ours") and " inf " in t]
+    assert line.split()[-2] == "-", line
+
+
+def test_rounds_need_an_interleaved_run(tmp_path: Path) -> None:
+    from benchmarks.serve import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--rounds", "2", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+
+
 def _leftover_processes(marker: str) -> list[str]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -270,3 +336,47 @@ def test_cpu_preset_end_to_end(tmp_path: Path) -> None:
     png = out / "serve.png"
     assert png.exists() and png.read_bytes()[:8] == PNG
     assert "TTFT p99" in proc.stdout and "async_executor[decode_window=4" in proc.stdout
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_interleaved_servers_on_cpu(tmp_path: Path) -> None:
+    """Both servers up at once, each rate run on both in turn for two
+    rounds: every (system, rate, round) measured, the order rotating, the
+    rounds paired, windows opened, no server left behind."""
+    out = tmp_path / "out"
+    ours = "async_executor[decode_window=4,max_token_gap_ms=0,max_admission_delay_ms=0]"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "serve", "--shape", "tiny", "--device", "cpu",
+         "--systems", f"vllm-async,{ours}", "--rates", "8", "--max-concurrency", "8",
+         "--num-prompts", "12", "--input-len", "32", "--output-len", "32:96",
+         "--interleave", "--rounds", "2",
+         "--out", str(out), "--models-dir", str(tmp_path / "models")],
+        cwd=ROOT, capture_output=True, text=True, timeout=850,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads((out / "serve.json").read_text())
+    assert [(r["round"], r["request_rate"], r["system"]) for r in records] == [
+        (0, 8.0, "vllm-async"), (0, 8.0, ours), (0, "inf", ours), (0, "inf", "vllm-async"),
+        (1, 8.0, "vllm-async"), (1, 8.0, ours), (1, "inf", ours), (1, "inf", "vllm-async"),
+    ]  # fmt: skip
+    for r in records:
+        where = (r["system"], r["request_rate"], r["round"])
+        assert "error" not in r and r["interleaved"] is True, where
+        assert set(REQUIRED_FIELDS) <= set(r), where
+        assert r["completed"] == 12 and r["failed"] == 0, where
+        _assert_ordered(r)
+        if r["system"] == ours:
+            assert r["pipeline_stats"]["windowed_batches"] > 0, where
+    # One start per server, shared by both rounds.
+    assert len({(r["system"], r["server_start_s"]) for r in records}) == 2
+    paired = json.loads((out / "serve-paired.json").read_text())
+    assert [(p["system"], p["request_rate"], p["rounds"]) for p in paired] == [
+        ("vllm-async", 8.0, [0, 1]), (ours, 8.0, [0, 1]),
+        ("vllm-async", "inf", [0, 1]), (ours, "inf", [0, 1]),
+    ]  # fmt: skip
+    assert all(p["output_ratio"] > 0 for p in paired)
+    assert "paired with vllm-async" in proc.stdout
+    assert (out / "serve.png").read_bytes()[:8] == PNG
+    assert not _leftover_processes(str(tmp_path / "models")), "a server outlived its sweep"
