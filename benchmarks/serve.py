@@ -19,11 +19,13 @@ fields.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -388,42 +390,56 @@ def _run_interleaved(args: argparse.Namespace, cfg: dict[str, Any], model: Model
         for s, log in zip(systems, logs, strict=True)
     ]  # fmt: skip
     print(f"starting {len(systems)} servers at once (logs in {out / 'logs'})", flush=True)
-    with running_servers(specs, args.start_timeout) as started:
-        live: list[tuple[System, Server, dict[str, Any]]] = []
-        for system, log, server in zip(systems, logs, started, strict=True):
-            base = common | {"system": system.name, "settings": system.settings,
-                             "interleaved": True}  # fmt: skip
-            if isinstance(server, ServerError):
-                print(f"\n{system.name}: {server}")
-                save(base | {"error": str(server).splitlines()[0], "serve_log": str(log)})
-                continue
-            base |= log_facts(log) | {"server_start_s": round(server.start_s, 1),
-                                      "serve_command": shlex.join(server.argv)}  # fmt: skip
-            live.append((system, server, base))
-        print("servers up: " + ", ".join(f"{s.name} in {v.start_s:.0f} s" for s, v, _ in live),
-              flush=True)  # fmt: skip
-        dead: set[str] = set()
-        for round_ in range(args.rounds):
-            for index, rate in enumerate(sweep.rates):
-                turn = round_ * len(sweep.rates) + index
-                for position, (system, server, base) in enumerate(rotated(live, turn)):
-                    if not server.alive():
-                        if system.name not in dead:  # recorded once; the others go on
-                            dead.add(system.name)
-                            print(f"\n{system.name}: server died:\n{server.log_tail()}")
-                            error = f"server died before rate {rate_label(rate)}, round {round_}"
-                            save(base | {"error": error, "serve_log": str(server.log)})
-                        continue
-                    began = time.monotonic()
-                    suffix = f"-round{round_}" if args.rounds > 1 else ""
-                    # Each round its own prompts: no prefix-cache hits on an
-                    # earlier round's.
-                    record = base | measure_rate(server, system, model, sweep, turn, rate, out,
-                                                 args.rate_timeout, suffix)  # fmt: skip
-                    save(record | {"round": round_, "position": position})
-                    print(f"round {round_ + 1}/{args.rounds}, rate {rate_label(rate)}: "
-                          f"{system.name} done in {time.monotonic() - began:.0f} s",
-                          flush=True)  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, cache_root, ignore_errors=True)
+        started = stack.enter_context(running_servers(specs, args.start_timeout))
+        _interleaved_rounds(args, model, systems, logs, started, sweep, common, out, save)
+
+
+def _interleaved_rounds(args: argparse.Namespace, model: Model, systems: list[System],
+                        logs: list[Path], started: list[Server | ServerError], sweep: Sweep,
+                        common: dict[str, Any], out: Path, save: Save) -> None:  # fmt: skip
+    """Each round: each rate on every started server in turn."""
+    live: list[tuple[System, Server, dict[str, Any]]] = []
+    for system, log, server in zip(systems, logs, started, strict=True):
+        base = common | {"system": system.name, "settings": system.settings,
+                         "interleaved": True}  # fmt: skip
+        if isinstance(server, ServerError):
+            print(f"\n{system.name}: {server}")
+            save(base | {"error": str(server).splitlines()[0], "serve_log": str(log)})
+            continue
+        base |= log_facts(log) | {"server_start_s": round(server.start_s, 1),
+                                  "serve_command": shlex.join(server.argv)}  # fmt: skip
+        live.append((system, server, base))
+    print("servers up: " + ", ".join(f"{s.name} in {v.start_s:.0f} s" for s, v, _ in live),
+          flush=True)  # fmt: skip
+    dead: set[str] = set()
+    for round_ in range(args.rounds):
+        for index, rate in enumerate(sweep.rates):
+            turn = round_ * len(sweep.rates) + index
+            for position, (system, server, base) in enumerate(rotated(live, turn)):
+                if system.name in dead or not server.alive():
+                    if system.name not in dead:  # recorded once; the others go on
+                        dead.add(system.name)
+                        print(f"\n{system.name}: server died:\n{server.log_tail()}")
+                        error = f"server died before rate {rate_label(rate)}, round {round_}"
+                        save(base | {"error": error, "serve_log": str(server.log)})
+                    continue
+                began = time.monotonic()
+                suffix = f"-round{round_}" if args.rounds > 1 else ""
+                # Each round its own prompts: no prefix-cache hits on an
+                # earlier round's.
+                try:
+                    record = base | measure_rate(server, system, model, sweep, turn, rate,
+                                                 out, args.rate_timeout, suffix)  # fmt: skip
+                except ServerError as e:  # its counters unreadable: the others go on
+                    print(f"\n{system.name}: {e}")
+                    dead.add(system.name)
+                    record = base | {"error": str(e).splitlines()[0]}
+                save(record | {"round": round_, "position": position})
+                print(f"round {round_ + 1}/{args.rounds}, rate {rate_label(rate)}: "
+                      f"{system.name} done in {time.monotonic() - began:.0f} s",
+                      flush=True)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
