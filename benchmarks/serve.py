@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .serve_client import BenchClient
 from .serve_records import (
     PERCENTILE_METRICS,
     PERCENTILES,
@@ -73,12 +74,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         rates=[8.0, 48.0], max_concurrency=8, num_prompts=24,
         input_len=32, output_len=(32, 96),
     ),
-    # Dummy weights on one H200. Per system about 6-8 minutes: about 140 s to
-    # start, and per rate 20 s of Poisson arrivals (at least num_prompts) plus
-    # about 25 s of `vllm bench serve` start-up; max(num_prompts, 4 x 256)
-    # requests at rate inf. Rates run from light load past the point where
-    # vLLM async's queue grows (1B: between 48 and 64 req/s, run
-    # 20261128-225506-h200); 1B's 96 is meant to lie past ours.
+    # Dummy weights on one H200. Per system about 5-6 minutes: about 140 s to
+    # start, and per rate 20 s of Poisson arrivals (at least num_prompts) and
+    # the queue's drain; max(num_prompts, 4 x 256) requests at rate inf.
+    # Rates run from light load past the point where vLLM async's queue
+    # grows (1B: between 48 and 64 req/s, run 20261128-225506-h200); 1B's 96
+    # is meant to lie past ours.
     "h200-1b": dict(
         shape="llama-1b", device="cuda", attention_backend="FLASH_ATTN",
         systems="vllm-async,async_executor,async_executor[decode_window=8]",
@@ -172,6 +173,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--models-dir", help="where model directories are written")
     p.add_argument("--start-timeout", type=int, default=600, help="seconds for a server to start")
     p.add_argument("--rate-timeout", type=int, default=900, help="seconds per `vllm bench serve`")
+    p.add_argument("--fresh-bench-process", action="store_true",
+                   help="start `vllm bench serve` afresh for every rate (by default one "
+                   "client process runs them all; benchmarks/serve_client.py)")  # fmt: skip
     p.add_argument("--interleave", action="store_true",
                    help="start every system's server at once and run each rate on all of "
                    "them in turn, in an order that rotates from rate to rate")  # fmt: skip
@@ -283,8 +287,13 @@ def _tag(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
 
 
+# Runs one `vllm bench serve` (its full command line, its log, a timeout):
+# why it failed, or None.
+RunBench = Callable[[list[str], Path, int], "str | None"]
+
+
 def measure_rate(server: Server, system: System, model: Model, sweep: Sweep, index: int,
-                 rate: float, out: Path, timeout_s: int,
+                 rate: float, out: Path, timeout_s: int, run_bench: RunBench,
                  suffix: str = "") -> dict[str, Any]:  # fmt: skip
     """One `vllm bench serve` of one rate; `index` picks its prompts' seed."""
     tag = f"{_tag(system.name)}-{model.shape}-rate{rate_label(rate)}{suffix}"
@@ -293,7 +302,7 @@ def measure_rate(server: Server, system: System, model: Model, sweep: Sweep, ind
     log = out / "logs" / f"{tag}.bench.log"
     argv = bench_argv(server, model, sweep, index, rate, result)
     before = _counters(server) if system.ours else None
-    failure = _run_bench(argv, log, timeout_s)
+    failure = run_bench(argv, log, timeout_s)
     record: dict[str, Any] = {"request_rate": "inf" if math.isinf(rate) else rate,
                               "max_concurrency": sweep.max_concurrency if math.isinf(rate)
                               else None, "bench_command": shlex.join(argv),
@@ -326,7 +335,8 @@ Save = Callable[[dict[str, Any]], None]
 
 def _run_one_after_another(args: argparse.Namespace, cfg: dict[str, Any], model: Model,
                            systems: list[System], sweep: Sweep, flags: list[str],
-                           common: dict[str, Any], out: Path, save: Save) -> None:  # fmt: skip
+                           common: dict[str, Any], out: Path, save: Save,
+                           run_bench: RunBench) -> None:  # fmt: skip
     """Each system's server in turn, through every rate."""
     for system in systems:
         base = common | {"system": system.name, "settings": system.settings}
@@ -341,7 +351,7 @@ def _run_one_after_another(args: argparse.Namespace, cfg: dict[str, Any], model:
                 for index, rate in enumerate(sweep.rates):
                     began = time.monotonic()
                     record = base | measure_rate(server, system, model, sweep, index, rate,
-                                                 out, args.rate_timeout)  # fmt: skip
+                                                 out, args.rate_timeout, run_bench)  # fmt: skip
                     save(record)
                     print(f"{system.name}: rate {rate_label(rate)} done in "
                           f"{time.monotonic() - began:.0f} s", flush=True)  # fmt: skip
@@ -372,7 +382,8 @@ def interleaved_flags(device: str, n_servers: int, kv_cache_gib: float) -> list[
 
 def _run_interleaved(args: argparse.Namespace, cfg: dict[str, Any], model: Model,
                      systems: list[System], sweep: Sweep, flags: list[str],
-                     common: dict[str, Any], out: Path, save: Save) -> None:  # fmt: skip
+                     common: dict[str, Any], out: Path, save: Save,
+                     run_bench: RunBench) -> None:  # fmt: skip
     """Every system's server up at once; each rate runs on all of them in
     turn (one server busy at a time), the order rotating from rate to rate,
     for `--rounds` sweeps. Machine drift then lands on every system alike
@@ -393,12 +404,14 @@ def _run_interleaved(args: argparse.Namespace, cfg: dict[str, Any], model: Model
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, cache_root, ignore_errors=True)
         started = stack.enter_context(running_servers(specs, args.start_timeout))
-        _interleaved_rounds(args, model, systems, logs, started, sweep, common, out, save)
+        _interleaved_rounds(args, model, systems, logs, started, sweep, common, out, save,
+                            run_bench)  # fmt: skip
 
 
 def _interleaved_rounds(args: argparse.Namespace, model: Model, systems: list[System],
                         logs: list[Path], started: list[Server | ServerError], sweep: Sweep,
-                        common: dict[str, Any], out: Path, save: Save) -> None:  # fmt: skip
+                        common: dict[str, Any], out: Path, save: Save,
+                        run_bench: RunBench) -> None:  # fmt: skip
     """Each round: each rate on every started server in turn."""
     live: list[tuple[System, Server, dict[str, Any]]] = []
     for system, log, server in zip(systems, logs, started, strict=True):
@@ -431,7 +444,8 @@ def _interleaved_rounds(args: argparse.Namespace, model: Model, systems: list[Sy
                 # earlier round's.
                 try:
                     record = base | measure_rate(server, system, model, sweep, turn, rate,
-                                                 out, args.rate_timeout, suffix)  # fmt: skip
+                                                 out, args.rate_timeout, run_bench,
+                                                 suffix)  # fmt: skip
                 except ServerError as e:  # its counters unreadable: the others go on
                     print(f"\n{system.name}: {e}")
                     dead.add(system.name)
@@ -477,7 +491,16 @@ def main(argv: list[str] | None = None) -> int:
         (out / "serve.json").write_text(json.dumps(records, indent=1))
 
     run = _run_interleaved if args.interleave else _run_one_after_another
-    run(args, cfg, model, systems, sweep, flags, common, out, save)
+    with contextlib.ExitStack() as stack:
+        run_bench: RunBench = _run_bench
+        if not args.fresh_bench_process:
+            client = stack.enter_context(BenchClient(out / "logs" / "bench-client.log"))
+
+            def run_bench(argv: list[str], log: Path, timeout_s: int) -> str | None:
+                # What follows `vllm bench serve` in the command line.
+                return client.run(argv[argv.index("bench") + 2 :], log, timeout_s)
+
+        run(args, cfg, model, systems, sweep, flags, common, out, save, run_bench)
 
     print(summary_table(records))
     if args.interleave:

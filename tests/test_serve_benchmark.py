@@ -380,3 +380,33 @@ def test_interleaved_servers_on_cpu(tmp_path: Path) -> None:
     assert "paired with vllm-async" in proc.stdout
     assert (out / "serve.png").read_bytes()[:8] == PNG
     assert not _leftover_processes(str(tmp_path / "models")), "a server outlived its sweep"
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_the_bench_client_reports_failures_and_outlives_a_timeout(
+    tmp_path: Path, tiny_model: str
+) -> None:
+    """benchmarks/serve_client.py runs vLLM's own `vllm bench serve` in one
+    process for many rates: a bad flag is that run's failure (its log says
+    why), a run past its time is killed and the next run gets a new client."""
+    import socket
+
+    from benchmarks.serve_client import BenchClient
+
+    silent = socket.socket()  # accepts connections, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    hang = ["--backend", "vllm", "--base-url", url, "--model", tiny_model,
+            "--dataset-name", "random", "--num-prompts", "1",
+            "--random-input-len", "4", "--random-output-len", "4"]  # fmt: skip
+    with BenchClient(tmp_path / "client.log") as client:
+        bad = client.run(["--no-such-flag"], tmp_path / "bad.log", 300)
+        assert bad == "`vllm bench serve` exited with 2", bad
+        assert "--no-such-flag" in (tmp_path / "bad.log").read_text()
+        slow = client.run(hang, tmp_path / "hang.log", 20)
+        assert slow is not None and "timed out after 20 s" in slow, slow
+        again = client.run(["--no-such-flag"], tmp_path / "again.log", 300)
+        assert again == "`vllm bench serve` exited with 2", again
+    silent.close()
