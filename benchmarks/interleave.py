@@ -151,9 +151,9 @@ class _Engine:
         }
 
     def stats(self) -> dict[str, Any] | None:
-        from .run_one import _pipeline_stats
+        from .run_one import pipeline_stats_of
 
-        return _pipeline_stats(self.llm, self.system)
+        return pipeline_stats_of(self.llm, self.system)
 
     def call(self, index: int, mode: str, top: int) -> dict[str, Any]:
         """One call of workload `index`: "timed", "trace" (kernel trace),

@@ -318,7 +318,7 @@ def run_vllm(spec: dict[str, Any], system: System) -> list[dict[str, Any]]:
     poller = measure.NvmlPoller() if on_gpu else None
     card = poller.card() if poller is not None else _cpu_name()
     records = []
-    stats_before = _pipeline_stats(llm, system)
+    stats_before = pipeline_stats_of(llm, system)
     for batch, prompt_len, gen_len in workloads:
         workload = {**spec, "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}
         prompts = token_prompts(batch, prompt_len, spec["vocab_size"])
@@ -335,7 +335,7 @@ def run_vllm(spec: dict[str, Any], system: System) -> list[dict[str, Any]]:
             stop_trace=lambda: llm.collective_rpc(measure.profiler_stop),
             read_spans=_spans,
         )  # fmt: skip
-        stats_after = _pipeline_stats(llm, system)
+        stats_after = pipeline_stats_of(llm, system)
         records.append(
             base_record(system, workload, measured, card)
             | {
@@ -356,7 +356,8 @@ def run_vllm(spec: dict[str, Any], system: System) -> list[dict[str, Any]]:
     return records
 
 
-def _pipeline_stats(llm: Any, system: System) -> dict[str, Any] | None:
+def pipeline_stats_of(llm: Any, system: System) -> dict[str, Any] | None:
+    """Our counters of an in-process engine (None for a system not ours)."""
     if not system.ours:
         return None
     from async_executor import pipeline_stats

@@ -333,6 +333,12 @@ def _counters(server: Server) -> dict[str, Any]:
 Save = Callable[[dict[str, Any]], None]
 
 
+def _server_facts(server: Server) -> dict[str, Any]:
+    """What every record of a started server carries about it."""
+    return log_facts(server.log) | {"server_start_s": round(server.start_s, 1),
+                                    "serve_command": shlex.join(server.argv)}  # fmt: skip
+
+
 def _run_one_after_another(args: argparse.Namespace, cfg: dict[str, Any], model: Model,
                            systems: list[System], sweep: Sweep, flags: list[str],
                            common: dict[str, Any], out: Path, save: Save,
@@ -345,8 +351,7 @@ def _run_one_after_another(args: argparse.Namespace, cfg: dict[str, Any], model:
         try:
             with running_server(model.path, flags + serve_flags(system), log,
                                 args.start_timeout) as server:  # fmt: skip
-                base |= log_facts(log) | {"server_start_s": round(server.start_s, 1),
-                                          "serve_command": shlex.join(server.argv)}  # fmt: skip
+                base |= _server_facts(server)
                 print(f"{system.name}: ready in {server.start_s:.0f} s", flush=True)
                 for index, rate in enumerate(sweep.rates):
                     began = time.monotonic()
@@ -421,8 +426,7 @@ def _interleaved_rounds(args: argparse.Namespace, model: Model, systems: list[Sy
             print(f"\n{system.name}: {server}")
             save(base | {"error": str(server).splitlines()[0], "serve_log": str(log)})
             continue
-        base |= log_facts(log) | {"server_start_s": round(server.start_s, 1),
-                                  "serve_command": shlex.join(server.argv)}  # fmt: skip
+        base |= _server_facts(server)
         live.append((system, server, base))
     print("servers up: " + ", ".join(f"{s.name} in {v.start_s:.0f} s" for s, v, _ in live),
           flush=True)  # fmt: skip

@@ -142,13 +142,6 @@ def launch_server(model: str, flags: list[str], log: Path,
     return Server(f"http://127.0.0.1:{port}", name, argv, log, 0.0, proc, started)
 
 
-def wait_ready(server: Server, deadline: float) -> None:
-    """Until the server answers as itself; ServerError if it exits or the
-    deadline (time.monotonic) passes. Sets its start_s."""
-    _wait_ready(server, deadline)
-    server.start_s = time.monotonic() - server.launched
-
-
 @contextlib.contextmanager
 def running_server(model: str, flags: list[str], log: Path, timeout_s: float) -> Iterator[Server]:
     server = launch_server(model, flags, log)
@@ -185,7 +178,9 @@ def running_servers(
             stop_group(server.proc)
 
 
-def _wait_ready(server: Server, deadline: float) -> None:
+def wait_ready(server: Server, deadline: float) -> None:
+    """Until the server answers as itself; ServerError if it exits or the
+    deadline (time.monotonic) passes. Sets its start_s."""
     while True:
         if not server.alive():
             raise ServerError(f"server exited with {server.proc.returncode}:\n{server.log_tail()}")
@@ -201,6 +196,7 @@ def _wait_ready(server: Server, deadline: float) -> None:
                 raise ServerError(f"{server.base_url}/v1/models: {e!r}") from e
             if server.served_name not in models:
                 raise ServerError(f"{server.base_url} answers for {models}: not our server")
+            server.start_s = time.monotonic() - server.launched
             return
         if time.monotonic() > deadline:
             raise ServerError(f"server not ready in time (--start-timeout):\n{server.log_tail()}")
