@@ -151,7 +151,7 @@ class _PipelineScheduling:
                 return True
         return False
 
-    def _open_windows(self) -> None:
+    def _plan_decode_steps(self) -> None:
         """Skip requests whose last tokens are all in flight; then, if no
         admissible request waits, choose one window for the batch."""
         live: list[Request] = []
@@ -231,7 +231,7 @@ class _PipelineScheduling:
         # More than one token of a request can be in flight only in a window
         # or with more than two batches in flight.
         if self._max_window > 1 or self._depth > 2:
-            self._open_windows()
+            self._plan_decode_steps()
         output = super().schedule(*args, **kwargs)  # type: ignore[misc]
         self._num_scheduled += 1
         return output
