@@ -1,8 +1,9 @@
 """A `vllm bench serve` that stays up between the rates of a sweep.
 
-Started afresh for every rate, `vllm bench serve` spent about 25 s of a 40 s
-rate starting on the GPU host (importing vLLM and its dependencies), device
-time that measures nothing. `BenchClient` starts this module once and runs
+Started afresh for every rate, `vllm bench serve` took about 25 s of a 40 s
+rate on the GPU host beyond the arrivals, much of it importing vLLM and its
+dependencies: device time that measures nothing. `BenchClient` starts this
+module once (one import) and runs
 each rate's arguments through the parser and `main` of vLLM's own
 `vllm bench serve` (`vllm.benchmarks.serve`), each run's output in its own
 log file, as the CLI's would be.
