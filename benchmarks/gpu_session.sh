@@ -22,7 +22,7 @@
 # call then dies with rc -1. Put such scripts in a file first.
 set -u
 OUT=${1:?output directory}
-STEPS=${STEPS:-"serve-8b-interleaved"}
+STEPS=${STEPS:-"serve-8b-interleaved serve-1b-interleaved"}
 # Also: serve-8b-short (the same one server after another), serve-1b-short ab-1b-w1 exactness-process (run 20261128-225506-h200),
 # ab-1b ab-8b ab-8b-process exactness (run 20261128-200939-h200), profile
 # llama-1b llama-8b serve-1b (the one-system-after-another runs)
@@ -159,6 +159,15 @@ run_serve_8b_interleaved() {
   step serve-8b-interleaved
   serve_sweep llama-8b "vllm-async,async_executor,async_executor[decode_window=8]" \
     4,16,32,48 100 "$OUT/serve-8b-interleaved" --interleave --kv-cache-gib 20
+}
+
+run_serve_1b_interleaved() {
+  # The 1B sweep again, its three servers up at once (serve-1b-short ran them
+  # one after another; vLLM async's rate-inf figure moved by 12% between two
+  # sessions). 8 GiB of KV cache each (256 x 576 tokens need about 5 GiB at 1B).
+  step serve-1b-interleaved
+  serve_sweep llama-1b "vllm-async,async_executor,async_executor[decode_window=8]" \
+    16,32,48,64 160 "$OUT/serve-1b-interleaved" --interleave --kv-cache-gib 8
 }
 
 run_tp_exactness() {
