@@ -48,6 +48,13 @@ class PipelineSettings:
     # them: the largest extra delay a window may add to its admission, while
     # requests keep arriving.
     max_admission_delay_ms: float = 25.0
+    # While requests keep arriving, a window opens only if windows are
+    # measured to make decode steps at least this much faster (0.1: 10%).
+    # Where the device bounds the step (a large model at a small batch) they
+    # gain nothing and would only delay tokens and arrivals
+    # (`pipeline/window.py`, `WindowPayoff`). 0 turns the check off; so does
+    # max_admission_delay_ms=0 (an arrival's delay is accepted then).
+    min_window_gain: float = 0.1
     # Where the runner's work runs. "process": the worker in its own process,
     # so the engine schedules batch N+1 while N computes, without sharing a
     # GIL with it. "thread": a device-stage thread in the engine process.
@@ -73,6 +80,12 @@ class PipelineSettings:
                 raise SettingsError(f"{name} must be a number of milliseconds, got {value!r}")
             if not 0 <= value <= 60_000:
                 raise SettingsError(f"{name} must be between 0 and 60000 ms, got {value}")
+        gain = self.min_window_gain
+        if isinstance(gain, bool) or not isinstance(gain, int | float) or not 0 <= gain <= 10:
+            raise SettingsError(
+                f"min_window_gain must be a number between 0 and 10 (a fraction: 0.1 is 10%), "
+                f"got {gain!r}"
+            )
         if self.stage not in ("auto", "thread", "inline", "process"):
             raise SettingsError(
                 f"stage must be 'auto', 'thread', 'inline' or 'process', got {self.stage!r}"

@@ -22,8 +22,8 @@
 # call then dies with rc -1. Put such scripts in a file first.
 set -u
 OUT=${1:?output directory}
-STEPS=${STEPS:-"serve-8b-interleaved serve-1b-interleaved"}
-# Also: serve-8b-short (the same one server after another), serve-1b-short ab-1b-w1 exactness-process (run 20261128-225506-h200),
+STEPS=${STEPS:-"serve-8b-check serve-1b-check"}
+# Also: serve-8b-interleaved serve-1b-interleaved (run 20261129-015639-h200), serve-8b-short (the same one server after another), serve-1b-short ab-1b-w1 exactness-process (run 20261128-225506-h200),
 # ab-1b ab-8b ab-8b-process exactness (run 20261128-200939-h200), profile
 # llama-1b llama-8b serve-1b (the one-system-after-another runs)
 # On two GPUs (nvidia-h200-x2): STEPS="tp-exactness tp"
@@ -168,6 +168,22 @@ run_serve_1b_interleaved() {
   step serve-1b-interleaved
   serve_sweep llama-1b "vllm-async,async_executor,async_executor[decode_window=8]" \
     16,32,48,64 160 "$OUT/serve-1b-interleaved" --interleave --kv-cache-gib 8
+}
+
+run_serve_8b_check() {
+  # The window payoff check (min_window_gain, on by default): vLLM async
+  # against our defaults at 8B, where windows closed under light load would
+  # cost TTFT for nothing (run 20261129-015639-h200: TTFT p99 1.08x at 4 req/s).
+  step serve-8b-check
+  serve_sweep llama-8b "vllm-async,async_executor" 4,16,32 60 "$OUT/serve-8b-check" \
+    --interleave --kv-cache-gib 20
+}
+
+run_serve_1b_check() {
+  # The same defaults at 1B, where windows do pay: they must stay open.
+  step serve-1b-check
+  serve_sweep llama-1b "vllm-async,async_executor" 48 160 "$OUT/serve-1b-check" \
+    --interleave --kv-cache-gib 8
 }
 
 run_tp_exactness() {

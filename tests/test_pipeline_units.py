@@ -17,8 +17,11 @@ from async_executor.pipeline.window import (
     DecodeBatch,
     StepClock,
     WindowBounds,
+    WindowPayoff,
     choose_window,
     latency_cap,
+    payoff_for,
+    release_payoff,
 )
 from async_executor.settings import PipelineSettings, SettingsError
 
@@ -49,6 +52,8 @@ def test_settings_defaults_and_env_fallback() -> None:
         ({"overlap": "yes"}, "overlap must be true or false"),
         ({"decode_window": 65}, "decode_window must be between 1 and 64"),
         ({"stage": "gpu"}, "stage must be"),
+        ({"min_window_gain": -0.1}, "min_window_gain must be a number between 0 and 10"),
+        ({"min_window_gain": "10%"}, "min_window_gain must be a number"),
         ({"windows": 2}, r"unknown async_executor setting\(s\) \['windows'\]"),
     ],
 )
@@ -135,6 +140,55 @@ def test_step_clock_averages_intervals_per_device_step() -> None:
     assert clock.step_ms == pytest.approx(3.0)
     clock.observe(5_000 * ms, 1)  # after an idle engine: not a step time
     assert clock.step_ms == pytest.approx(3.0)
+
+
+def test_window_payoff_from_the_engine_wait() -> None:
+    """E = interval - wait per batch, D = interval / w: windows pay E / D - 1
+    at most."""
+    ms = 1_000_000
+    payoff = WindowPayoff(alpha=1.0, idle_after_s=1.0, engine_bound=0.1, reprobe_batches=4)
+    assert payoff.gain() is None and payoff.windows_pay(0.1)  # nothing known: probe
+    payoff.observe(0, 0, 1, decode_only=True)  # the first batch has no interval
+    # Device-bound one-token steps (an 8B model, few requests): 5 ms steps, the
+    # engine busy 1.5 ms of them and waiting the rest.
+    payoff.observe(5 * ms, int(3.5 * ms), 1, decode_only=True)
+    assert payoff.gain() == 0.0 and not payoff.windows_pay(0.1)
+    # Engine-bound one-token steps (4 ms of engine work, the engine never
+    # waits): the device time is unknown below 4 ms; after `reprobe_batches`
+    # such batches the estimate is dropped and a window may measure it.
+    t = 5 * ms
+    for _ in range(2):
+        t += 4 * ms
+        payoff.observe(t, 0, 1, decode_only=True)
+        assert payoff.device_ms == pytest.approx(5.0)
+        assert not payoff.windows_pay(0.1)
+    t += 4 * ms
+    payoff.observe(t, 0, 1, decode_only=True)
+    assert payoff.device_ms is None and payoff.windows_pay(0.1)
+    # The probe: a window of 2 in 5 ms, the engine waiting 1 ms of it: 2.5 ms
+    # device steps against 4 ms of engine work: 60% faster with windows.
+    t += 5 * ms
+    payoff.observe(t, 1 * ms, 2, decode_only=True)
+    assert payoff.gain() == pytest.approx(4.0 / 2.5 - 1)
+    assert payoff.windows_pay(0.1) and not payoff.windows_pay(0.7)
+    # A prefill batch and an interval after an idle engine teach nothing.
+    before = (payoff.engine_ms, payoff.device_ms)
+    t += 30 * ms
+    payoff.observe(t, 29 * ms, 1, decode_only=False)
+    t += 2_000 * ms
+    payoff.observe(t, 0, 2, decode_only=True)
+    assert (payoff.engine_ms, payoff.device_ms) == before
+
+
+def test_window_payoff_is_shared_per_engine_config() -> None:
+    config_a, config_b = object(), object()
+    assert payoff_for(config_a) is payoff_for(config_a)
+    assert payoff_for(config_a) is not payoff_for(config_b)
+    first = payoff_for(config_a)
+    release_payoff(config_a)
+    assert payoff_for(config_a) is not first
+    release_payoff(config_a)
+    release_payoff(config_b)
 
 
 # -- device stage ---------------------------------------------------------

@@ -193,3 +193,55 @@ def test_an_arrival_does_not_reschedule_a_request_whose_last_tokens_are_in_fligh
         f"late{i}": 8 for i in (1, 2, 3)
     }, lengths
     assert counts.wasted_tokens_dropped == 0, counts
+
+
+def _arrive_while_full(llm: Any, n_requests: int) -> dict[str, list[int]]:
+    """Two requests decode (max_num_seqs=2) while a new request arrives at
+    every engine step until `n_requests` were added: arrivals are always
+    recent, but none can be admitted, so windows may open."""
+    eng = llm.llm_engine
+    prompts = corpus_prompts(n_requests)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    tokens: dict[str, list[int]] = {}
+    added = 0
+    while added < n_requests or eng.has_unfinished_requests():
+        if added < n_requests:
+            eng.add_request(f"r{added}", prompts[added], params)
+            added += 1
+        for out in eng.step():
+            if out.finished:
+                tokens[out.request_id] = list(out.outputs[0].token_ids)
+    return tokens
+
+
+@pytest.mark.parametrize("min_gain", [0.0, 10.0], ids=["check-off", "gain-10x"])
+def test_windows_that_do_not_pay_stay_closed_while_requests_arrive(
+    tiny_model: str, min_gain: float
+) -> None:
+    """`min_window_gain`: while requests arrive, a window opens only if windows
+    were measured to make decode steps that much faster. No window can make
+    them 11x faster (a window of 8 at most 8x), so with 10 the first window
+    is the measurement and later ones are declined; with 0 (the check off)
+    every decode step may run in a window. The outputs do not change."""
+    settings = {
+        "decode_window": 8,
+        "max_token_gap_ms": 0,
+        # The admission bound on, but far above any step time: it caps no window.
+        "max_admission_delay_ms": 60_000,
+        "min_window_gain": min_gain,
+    }
+    with engine(tiny_model, ours=False, max_num_seqs=2) as llm:
+        baseline = _arrive_while_full(llm, 10)
+    with engine(tiny_model, ours=True, settings=settings, max_num_seqs=2) as llm:
+        ours = _arrive_while_full(llm, 10)
+        counts = stats(llm)
+    assert ours == baseline
+    if min_gain == 0:
+        assert counts.windows_declined == 0 and counts.windowed_batches > 0, counts
+    else:
+        # Declined at every step that could have opened one, but while there
+        # is no estimate: at the start and after each re-probe (at most one
+        # per 32 one-token batches), each time at most `depth` (2) windows
+        # launched before the first of them resolves.
+        assert counts.windows_declined > 0, counts
+        assert counts.windowed_batches <= 2 * (counts.batches_launched // 32 + 1), counts

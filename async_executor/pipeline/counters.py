@@ -36,6 +36,10 @@ class PipelineStats:
     # request that finished in an earlier in-flight batch, and the tail of a
     # decode window after a stop.
     wasted_tokens_dropped: int = 0
+    # Scheduling steps that could have opened a window but did not, while
+    # requests kept arriving, because windows were measured not to make decode
+    # steps faster (`min_window_gain`).
+    windows_declined: int = 0
     # Largest number of batches in flight at once.
     max_in_flight: int = 0
     # Launched batches by device steps: {window size: batches}; 1 = no window.

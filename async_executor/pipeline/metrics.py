@@ -75,6 +75,12 @@ COUNTERS = (
         "Windows whose steps after the first were advanced on the device alone.",
     ),
     MetricSpec(
+        "async_executor_windows_declined",
+        "windows_declined",
+        "Scheduling steps, while requests arrived, that opened no window because windows "
+        "were measured not to make decode steps faster.",
+    ),
+    MetricSpec(
         "async_executor_wasted_tokens",
         "wasted_tokens_dropped",
         "Tokens computed for a request that had already stopped, dropped on the host.",

@@ -19,6 +19,9 @@ keeps a server's latency within its settings:
 - A window never runs past a request's max_tokens or the model length, and
   never needs more KV blocks than are free: a window causes no preemption
   that one-token steps would not.
+- While requests arrive, windows open only where they make decode steps
+  faster (`WindowPayoff`): where the device bounds the step they save
+  nothing and would only cost the latency below.
 - Latency bounds (`WindowBounds`): tokens of a window reach a stream
   together, so a window of w widens the gap between a stream's tokens to
   about w device steps; and a request that arrives while windows are in
@@ -156,3 +159,108 @@ class StepClock:
         self.step_ms = (
             sample if self.step_ms is None else self.step_ms + self.alpha * (sample - self.step_ms)
         )
+
+
+class WindowPayoff:
+    """Whether decode windows make decode steps faster, learned from how long
+    the engine thread waits for each batch's sampled ids.
+
+    A window saves host work, not device work: the engine schedules and
+    processes outputs once per w device steps instead of once per step. Per
+    pure-decode batch of w device steps the engine sees the interval since
+    the previous batch resolved and the part of it spent waiting:
+
+        engine work per batch    E = interval - wait
+        device time per step     D = interval / w    (while the engine waits)
+
+    One-token steps run at max(E, D) each; windows of w at max(E / w, D). So
+    windows speed decode steps up by at most E / D, and not at all where the
+    device bounds the step (E <= D: a large model at a small batch). There
+    they would only cost latency: a stream gets its tokens w at a time, and an
+    arrival waits behind the windows in flight.
+
+    Where the engine does not wait at all (wait <= `engine_bound` of the
+    interval) D is not seen, only its upper bound interval / w. With one-token
+    steps that bound is no estimate, so the next scheduling step may probe a
+    window to measure D - at once when nothing is known, otherwise after
+    `reprobe_batches` batches without one (a load that grows past the point
+    where windows pay is found again; at the edge, windows open once per that
+    many batches).
+
+    Blind spot: with the worker in its own process, time the worker spends
+    preparing a one-token step's inputs counts as device time here, and a
+    device window saves that too. Windows may then close where they would
+    still gain a little.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.2,
+        idle_after_s: float = 0.5,
+        engine_bound: float = 0.1,
+        reprobe_batches: int = 32,
+    ) -> None:
+        self.alpha = alpha
+        self.idle_after_ns = int(idle_after_s * 1e9)
+        self.engine_bound = engine_bound
+        self.reprobe_batches = reprobe_batches
+        self.engine_ms: float | None = None
+        self.device_ms: float | None = None
+        self._last_ns: int | None = None
+        self._since_window = 0
+
+    def observe(self, now_ns: int, wait_ns: int, device_steps: int, decode_only: bool) -> None:
+        """A batch of `device_steps` steps resolved at `now_ns` after the
+        engine waited `wait_ns` for it. Batches that prefill are skipped: their
+        steps are not decode steps."""
+        last, self._last_ns = self._last_ns, now_ns
+        if last is None or device_steps <= 0 or not decode_only:
+            return
+        interval = now_ns - last
+        if interval <= 0 or interval > self.idle_after_ns:
+            return  # after an idle engine: not a step
+        wait = min(max(wait_ns, 0), interval)
+        self.engine_ms = self._average(self.engine_ms, (interval - wait) / 1e6)
+        if device_steps > 1:
+            self._since_window = 0
+        else:
+            self._since_window += 1
+            if wait <= self.engine_bound * interval:
+                # Engine-bound one-token step: D is unknown below the interval.
+                if self.device_ms is None or self._since_window >= self.reprobe_batches:
+                    self.device_ms = None
+                return
+        self.device_ms = self._average(self.device_ms, interval / device_steps / 1e6)
+
+    def gain(self) -> float | None:
+        """How much faster decode steps can get with windows (E / D - 1, at
+        least 0); None while there is no estimate."""
+        if self.engine_ms is None or self.device_ms is None or self.device_ms <= 0:
+            return None
+        return max(0.0, self.engine_ms / self.device_ms - 1.0)
+
+    def windows_pay(self, min_gain: float) -> bool:
+        """Whether a window is worth its latency: gain >= `min_gain`, or no
+        estimate yet (the window is the measurement)."""
+        gain = self.gain()
+        return gain is None or gain >= min_gain
+
+    def _average(self, mean: float | None, sample: float) -> float:
+        return sample if mean is None else mean + self.alpha * (sample - mean)
+
+
+# The executor (which sees the engine wait) and the scheduler (which opens
+# windows) of one engine share a WindowPayoff, keyed by their VllmConfig
+# object as the counters are (`counters.py`).
+_PAYOFFS: dict[int, WindowPayoff] = {}
+
+
+def payoff_for(config: object) -> WindowPayoff:
+    payoff = _PAYOFFS.get(id(config))
+    if payoff is None:
+        payoff = _PAYOFFS.setdefault(id(config), WindowPayoff())
+    return payoff
+
+
+def release_payoff(config: object) -> None:
+    _PAYOFFS.pop(id(config), None)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -55,6 +56,7 @@ from vllm.v1.executor.uniproc_executor import UniProcExecutor
 from async_executor.pipeline.counters import counters_for, release_counters
 from async_executor.pipeline.in_flight import InFlightBatch, InFlightTracker
 from async_executor.pipeline.stage import DeviceStage, StageTimeout
+from async_executor.pipeline.window import payoff_for, release_payoff
 from async_executor.settings import PipelineSettings
 from async_executor.vllm_glue.compatibility import (
     IN_PROCESS_EXECUTOR,
@@ -112,6 +114,8 @@ class _Launched:
     job: Future[Any]
     window: bool
     in_flight: InFlightBatch | None
+    # Every scheduled token is a decode step's (no prefill in the batch).
+    decode_only: bool
 
 
 def _done(value: Any) -> Future[Any]:
@@ -135,6 +139,8 @@ class _Pipeline:
     def _init_pipeline(self) -> None:
         self.counters = counters_for(self.vllm_config)
         self.tracker = InFlightTracker(self.counters)
+        # How long the engine waits for sampled ids: whether windows pay.
+        self.payoff = payoff_for(self.vllm_config)
         # The batch launched by execute_model whose sampling is next: its
         # job (the whole window, or a one-step batch's execute_model).
         self._launched: _Launched | None = None
@@ -156,19 +162,21 @@ class _Pipeline:
     ) -> Any:
         window = window_of(scheduler_output)
         in_flight = None
-        if scheduler_output.total_num_scheduled_tokens:
+        total = scheduler_output.total_num_scheduled_tokens
+        if total:
             in_flight = self.tracker.launch(device_steps=window)
+        decode_only = total == window * len(scheduler_output.num_scheduled_tokens)
         if self._hands_off:
             scheduler_output = detach_scheduler_output(scheduler_output)
         if window > 1:
             # The whole window in one worker call; sample_tokens hands out
             # its output (a window never has a grammar to apply).
             job = self._submit(run_window, scheduler_output)
-            self._launched = _Launched(job, True, in_flight)
+            self._launched = _Launched(job, True, in_flight, decode_only)
             future: Future[Any] = _done(None)
         else:
             job = self._submit("execute_model", scheduler_output)
-            self._launched = _Launched(job, False, in_flight)
+            self._launched = _Launched(job, False, in_flight, decode_only)
             future = ResolvingFuture(functools.partial(self._resolve_execute, job, in_flight))
         if not non_block:
             return future.result()
@@ -198,11 +206,23 @@ class _Pipeline:
             if self._hands_off:
                 grammar_output = detach_grammar_output(grammar_output)
             executed, job = launched.job, self._submit("sample_tokens", grammar_output)
-        resolve = functools.partial(self._resolve_sample, executed, job, launched.in_flight)
+        resolve = functools.partial(self._resolve_sample, executed, job, launched)
         future = ResolvingFuture(resolve)
         return future if non_block else future.result()
 
     def _resolve_sample(
+        self, executed: Future[Any] | None, job: Future[Any], launched: _Launched
+    ) -> Any:
+        # Runs on the engine thread, where it waits for the batch's sampled ids.
+        start = time.perf_counter_ns()
+        output = self._sampled_output(executed, job, launched.in_flight)
+        in_flight = launched.in_flight
+        if in_flight is not None:
+            now = time.perf_counter_ns()
+            self.payoff.observe(now, now - start, in_flight.device_steps, launched.decode_only)
+        return output
+
+    def _sampled_output(
         self, executed: Future[Any] | None, job: Future[Any], in_flight: InFlightBatch | None
     ) -> Any:
         if executed is not None:
@@ -226,6 +246,7 @@ class _Pipeline:
         if getattr(self, "tracker", None) is not None:
             self.tracker.reset()
             release_counters(self.vllm_config)
+            release_payoff(self.vllm_config)
 
     @classmethod
     def supports_async_scheduling(cls) -> bool:

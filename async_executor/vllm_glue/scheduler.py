@@ -42,6 +42,7 @@ from async_executor.pipeline.window import (
     WindowBounds,
     choose_window,
     latency_cap,
+    payoff_for,
 )
 from async_executor.settings import PipelineSettings
 from async_executor.vllm_glue.window_steps import mark_window, window_of
@@ -97,6 +98,8 @@ class _PipelineScheduling:
         self._max_window = settings.decode_window
         self._depth = self.vllm_config.max_concurrent_batches
         self._clock = StepClock()
+        # Fed by the executor (the engine's wait for each batch).
+        self._payoff = payoff_for(self.vllm_config)
         self._last_arrival_ns = 0
         # Steps scheduled and steps whose output was processed: every
         # scheduled step, empty or not, is queued by the engine and passed to
@@ -182,6 +185,7 @@ class _PipelineScheduling:
         if self._max_window <= 1 or single or not live or self._admissible_waiter():
             return
         now = time.perf_counter_ns()
+        arrivals_recent = now - self._last_arrival_ns < _ARRIVAL_LOOKBACK_NS
         # Every KV cache group takes its blocks from the one pool.
         groups = max(1, len(self.kv_cache_config.kv_cache_groups))
         cap = latency_cap(
@@ -189,7 +193,7 @@ class _PipelineScheduling:
             depth=self._depth,
             max_token_gap_ms=self._settings.max_token_gap_ms,
             max_admission_delay_ms=self._settings.max_admission_delay_ms,
-            arrivals_recent=now - self._last_arrival_ns < _ARRIVAL_LOOKBACK_NS,
+            arrivals_recent=arrivals_recent,
         )
         window = choose_window(
             DecodeBatch(np.asarray(remaining), np.asarray(computed)),
@@ -203,6 +207,19 @@ class _PipelineScheduling:
             ),
         )
         if window <= 1:
+            return
+        settings = self._settings
+        min_gain = settings.min_window_gain
+        if (
+            arrivals_recent
+            and min_gain > 0
+            and settings.max_admission_delay_ms > 0
+            and not self._payoff.windows_pay(min_gain)
+        ):
+            # The device bounds the steps: a window would only delay tokens
+            # and arrivals. (With the admission bound off, an arrival's delay
+            # is accepted and the window asked for is the window run.)
+            self._counters.add(windows_declined=1)
             return
         placeholders = _placeholders(window - 1)
         for r in live:
