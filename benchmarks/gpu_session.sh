@@ -22,7 +22,7 @@
 # call then dies with rc -1. Put such scripts in a file first.
 set -u
 OUT=${1:?output directory}
-STEPS=${STEPS:-"serve-8b-check serve-1b-check"}
+STEPS=${STEPS:-"serve-1b-check serve-8b-check"}
 # Also: serve-8b-interleaved serve-1b-interleaved (run 20261129-015639-h200), serve-8b-short (the same one server after another), serve-1b-short ab-1b-w1 exactness-process (run 20261128-225506-h200),
 # ab-1b ab-8b ab-8b-process exactness (run 20261128-200939-h200), profile
 # llama-1b llama-8b serve-1b (the one-system-after-another runs)
@@ -171,19 +171,22 @@ run_serve_1b_interleaved() {
 }
 
 run_serve_8b_check() {
-  # The window payoff check (min_window_gain, on by default): vLLM async
-  # against our defaults at 8B, where windows closed under light load would
-  # cost TTFT for nothing (run 20261129-015639-h200: TTFT p99 1.08x at 4 req/s).
+  # The window payoff check (min_window_gain, on by default) at 8B against
+  # vLLM async and against itself turned off, two rounds, 200 requests at
+  # 4 req/s so that TTFT p99 rests on more than one or two first tokens
+  # (about 15 minutes). Runs 20261129-015639-h200 (without the check: TTFT
+  # p50 1.16x at 4 req/s) and 20261129-022254-h200 (with it, 60 requests).
   step serve-8b-check
-  serve_sweep llama-8b "vllm-async,async_executor" 4,16,32 60 "$OUT/serve-8b-check" \
-    --interleave --kv-cache-gib 20
+  serve_sweep llama-8b "vllm-async,async_executor,async_executor[min_window_gain=0]" \
+    4,16,32 200 "$OUT/serve-8b-check" --interleave --rounds 2 --kv-cache-gib 20
 }
 
 run_serve_1b_check() {
-  # The same defaults at 1B, where windows do pay: they must stay open.
+  # The same at 1B, where windows pay: the check must keep them open (about
+  # 4 minutes).
   step serve-1b-check
-  serve_sweep llama-1b "vllm-async,async_executor" 48 160 "$OUT/serve-1b-check" \
-    --interleave --kv-cache-gib 8
+  serve_sweep llama-1b "vllm-async,async_executor,async_executor[min_window_gain=0]" \
+    16,48 160 "$OUT/serve-1b-check" --interleave --kv-cache-gib 8
 }
 
 run_tp_exactness() {
