@@ -91,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in stats.as_dict().items():
         print(f"  {name:38} {value}")
 
+    if stats.windows_declined:
+        print(
+            "  (windows_declined: windows were measured not to make this machine's decode "
+            "steps faster, so they were declined while requests were arriving; min_window_gain=0 "
+            "turns the check off)"
+        )
+
     sync, t_sync, _ = _generate(model, False, {})
     same = all(
         a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(ours, sync, strict=True)

@@ -22,6 +22,7 @@ DEMO_LINES = [
     r"'.+' +-> '.*'",  # a prompt and its completion
     r"pipeline counters:",
     r"  \w+ +.+",  # a counter
+    r"  \(windows_declined: .+\)",  # why no window opened, when none did
     r"same tokens as vLLM's synchronous path: (True|False)",
     r"generate time: .+",
 ]
