@@ -48,6 +48,7 @@ from .serve_records import (
     rate_label,
     stats_delta,
     summary_table,
+    trim_detail,
 )
 from .serve_server import (
     VLLM_CLI,
@@ -261,6 +262,9 @@ def bench_argv(server: Server, model: Model, sweep: Sweep, index: int, rate: flo
         "--percentile-metrics", ",".join(PERCENTILE_METRICS),
         "--metric-percentiles", ",".join(map(str, PERCENTILES)),
         "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name,
+        # Per-request latencies for the records' confidence intervals (the
+        # bulky lists are dropped from the kept file: `trim_detail`).
+        "--save-detailed",
         "--disable-tqdm",
     ]  # fmt: skip
     if math.isinf(rate):
@@ -306,7 +310,7 @@ def measure_rate(server: Server, system: System, model: Model, sweep: Sweep, ind
     record: dict[str, Any] = {"request_rate": "inf" if math.isinf(rate) else rate,
                               "max_concurrency": sweep.max_concurrency if math.isinf(rate)
                               else None, "bench_command": shlex.join(argv),
-                              "bench_log": str(log)}  # fmt: skip
+                              "bench_log": str(log), "bench_result": str(result)}  # fmt: skip
     if failure is None and not result.exists():
         failure = "`vllm bench serve` wrote no result"
     if failure is not None:
@@ -314,7 +318,9 @@ def measure_rate(server: Server, system: System, model: Model, sweep: Sweep, ind
         print(f"\n{system.name} at rate {rate_label(rate)}: {failure}; log {log}:\n{tail}")
         return record | {"error": failure}
     try:
-        record |= metrics_from_bench(json.loads(result.read_text()))
+        bench = trim_detail(json.loads(result.read_text()))
+        result.write_text(json.dumps(bench))
+        record |= metrics_from_bench(bench)
     except BenchResultError as e:
         return record | {"error": str(e)}
     if before is not None:

@@ -8,9 +8,11 @@ result file.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from statistics import median
 from typing import Any
+
+import numpy as np
 
 # What `vllm bench serve --percentile-metrics ... --metric-percentiles ...`
 # must be asked for, and the record keys its result keys become.
@@ -38,6 +40,18 @@ _SCALARS = {
 }
 
 
+# Per-request lists of a `--save-detailed` result that a record's confidence
+# intervals need; the others (every inter-token gap, every generated text)
+# are dropped from the kept file (megabytes per rate at rate inf).
+KEPT_DETAIL = ("ttfts", "latencies", "output_lens", "start_times", "queue_times")
+DROPPED_DETAIL = ("itls", "generated_texts", "input_lens")
+
+# Bootstrap of the per-request latencies: resamples, seed, interval.
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+CI_LEVEL = 90
+
+
 class BenchResultError(ValueError):
     """A `vllm bench serve` result without what the record needs."""
 
@@ -62,11 +76,67 @@ def metrics_from_bench(result: Mapping[str, Any]) -> dict[str, Any]:
             f"--percentile-metrics {','.join(PERCENTILE_METRICS)} "
             f"--metric-percentiles {','.join(map(str, PERCENTILES))}"
         ) from None
+    out |= latency_intervals(result)
     rate = result.get("request_rate")
     out["request_rate"] = "inf" if rate in (None, "inf") else float(rate)
     out["max_concurrency"] = result.get("max_concurrency")
     out["num_prompts"] = result.get("num_prompts")
     return out
+
+
+def trim_detail(result: dict[str, Any]) -> dict[str, Any]:
+    """A `--save-detailed` result without the lists no record needs; an
+    `errors` list is kept only if some request failed."""
+    trimmed = {k: v for k, v in result.items() if k not in DROPPED_DETAIL}
+    if not any(trimmed.get("errors") or ()):
+        trimmed.pop("errors", None)
+    return trimmed
+
+
+def latency_intervals(result: Mapping[str, Any]) -> dict[str, Any]:
+    """Bootstrap confidence intervals (`CI_LEVEL`%) of TTFT p50/p99 and TPOT
+    p50 from a result's per-request lists (`--save-detailed`); nothing for a
+    result without them. A p99 of 60 requests is about the largest one or
+    two: the interval says how far another sample of the same load could
+    move it."""
+    ttfts, latencies, lens = (result.get(k) for k in ("ttfts", "latencies", "output_lens"))
+    if not ttfts or not latencies or not lens:
+        return {}
+    ttft = np.asarray(ttfts, dtype=float) * 1000
+    out: dict[str, Any] = {
+        f"ttft_ms_p{p}_ci{CI_LEVEL}": bootstrap_interval(ttft, p) for p in (50, 99)
+    }
+    # TPOT as vLLM computes it: the time after the first token over the
+    # tokens after it, for requests of more than one token.
+    lat = np.asarray(latencies, dtype=float) * 1000
+    n = np.asarray(lens, dtype=float)
+    several = n > 1
+    if several.any():
+        tpot = (lat[several] - ttft[several]) / (n[several] - 1)
+        out[f"tpot_ms_p50_ci{CI_LEVEL}"] = bootstrap_interval(tpot, 50)
+    return out
+
+
+def bootstrap_interval(values: Sequence[float] | np.ndarray, percentile: float) -> list[float]:
+    """[low, high] of the percentile over resamples of `values` (numpy's
+    default, linear, method: the one `vllm bench serve` reports)."""
+    data = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    draws = rng.integers(0, len(data), size=(BOOTSTRAP_RESAMPLES, len(data)))
+    stats = np.percentile(data[draws], percentile, axis=1)
+    tail = (100 - CI_LEVEL) / 2
+    low, high = np.percentile(stats, [tail, 100 - tail])
+    return [round(float(low), 3), round(float(high), 3)]
+
+
+def ratio_bounds(
+    value_ci: Sequence[float] | None, base_ci: Sequence[float] | None
+) -> list[float] | None:
+    """Conservative bounds of a ratio of two independently measured figures,
+    from their intervals: [low / base high, high / base low]."""
+    if not value_ci or not base_ci or base_ci[0] <= 0 or base_ci[1] <= 0:
+        return None
+    return [round(value_ci[0] / base_ci[1], 4), round(value_ci[1] / base_ci[0], 4)]
 
 
 def stats_delta(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
@@ -152,10 +222,22 @@ def paired_ratios(records: list[dict[str, Any]], base: str) -> list[dict[str, An
             known = [x for x in by_round if x is not None]
             row[f"{name}_ratio"] = float(median(known)) if known else None
             row[f"{name}_ratio_by_round"] = by_round
+        ci = f"ttft_ms_p99_ci{CI_LEVEL}"
+        row["ttft_p99_ratio_bounds_by_round"] = [
+            ratio_bounds(measured[(system, rate, k)].get(ci), measured[(base, rate, k)].get(ci))
+            for k in rounds
+        ]
         row["itl_ms_p99"] = float(median([measured[(system, rate, k)]["itl_ms_p99"]
                                           for k in rounds]))  # fmt: skip
         out.append(row)
     return out
+
+
+def _bounds(row: dict[str, Any]) -> str:
+    known = [b for b in row.get("ttft_p99_ratio_bounds_by_round", ()) if b]
+    if not known:
+        return "-"
+    return f"{min(b[0] for b in known):.2f}-{max(b[1] for b in known):.2f}"
 
 
 def _ratio(value: float, base: float) -> float | None:
@@ -163,9 +245,10 @@ def _ratio(value: float, base: float) -> float | None:
 
 
 def paired_table(rows: list[dict[str, Any]], base: str) -> str:
-    lines = [f"\npaired with {base}, same round (median over rounds; range)",
-             f"{'system':36} {'rate':>6} {'output':>15} {'TTFT p99':>15} {'TPOT p50':>15} "
-             f"{'ITL p99 ms':>10}"]  # fmt: skip
+    lines = [f"\npaired with {base}, same round (median over rounds; range; TTFT p99: "
+             f"the widest {CI_LEVEL}% bounds over rounds)",
+             f"{'system':36} {'rate':>6} {'output':>15} {'TTFT p99':>15} {'bounds':>11} "
+             f"{'TPOT p50':>15} {'ITL p99 ms':>10}"]  # fmt: skip
 
     def cell(row: dict[str, Any], name: str) -> str:
         known = [x for x in row[f"{name}_ratio_by_round"] if x is not None]
@@ -176,6 +259,6 @@ def paired_table(rows: list[dict[str, Any]], base: str) -> str:
     for row in rows:
         rate = rate_label(float(row["request_rate"]))
         lines.append(f"{row['system']:36} {rate:>6} {cell(row, 'output'):>15} "
-                     f"{cell(row, 'ttft_p99'):>15} {cell(row, 'tpot_p50'):>15} "
-                     f"{row['itl_ms_p99']:>10.1f}")  # fmt: skip
+                     f"{cell(row, 'ttft_p99'):>15} {_bounds(row):>11} "
+                     f"{cell(row, 'tpot_p50'):>15} {row['itl_ms_p99']:>10.1f}")  # fmt: skip
     return "\n".join(lines)

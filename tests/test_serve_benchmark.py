@@ -29,11 +29,14 @@ from benchmarks.serve_records import (
     PERCENTILES,
     REQUIRED_FIELDS,
     BenchResultError,
+    bootstrap_interval,
     metrics_from_bench,
     paired_ratios,
     paired_table,
+    ratio_bounds,
     stats_delta,
     summary_table,
+    trim_detail,
 )
 from benchmarks.serve_server import Server, serve_flags
 from benchmarks.shapes import Model
@@ -76,6 +79,43 @@ def test_a_saved_bench_result_becomes_the_record_fields() -> None:
     assert set(REQUIRED_FIELDS) <= set(record)
     _assert_ordered(record)
     assert metrics_from_bench(SAMPLE | {"request_rate": 4.0})["request_rate"] == 4.0
+
+
+def test_per_request_latencies_give_confidence_intervals() -> None:
+    """With `--save-detailed` lists, TTFT p50/p99 and TPOT p50 get bootstrap
+    intervals; the bulky lists are dropped from the kept file."""
+    rng = np.random.default_rng(1)
+    n = 60
+    ttfts = list(0.030 + 0.005 * rng.standard_normal(n))
+    lens = [int(x) for x in rng.integers(128, 513, n)]
+    latencies = [t + 0.005 * (k - 1) for t, k in zip(ttfts, lens, strict=True)]
+    detailed = SAMPLE | {
+        "ttfts": ttfts, "latencies": latencies, "output_lens": lens, "input_lens": [256] * n,
+        "itls": [[0.005] * (k - 1) for k in lens], "generated_texts": ["x"] * n,
+        "errors": [""] * n, "start_times": list(range(n)), "queue_times": [0.0] * n,
+    }  # fmt: skip
+    kept = trim_detail(detailed)
+    assert not {"itls", "generated_texts", "input_lens", "errors"} & set(kept)
+    assert kept["ttfts"] == ttfts and kept["output_lens"] == lens
+    assert trim_detail(detailed | {"errors": [""] * (n - 1) + ["timeout"]})["errors"][-1]
+    got = metrics_from_bench(kept)
+    p50 = float(np.percentile(np.asarray(ttfts) * 1000, 50))
+    p99 = float(np.percentile(np.asarray(ttfts) * 1000, 99))
+    low, high = got["ttft_ms_p50_ci90"]
+    assert low <= p50 <= high and high - low < 5
+    low99, high99 = got["ttft_ms_p99_ci90"]
+    # A p99 of 60 is about the largest one or two: its interval is wide.
+    assert low99 <= p99 <= high99 and high99 - low99 > high - low
+    assert got["tpot_ms_p50_ci90"] == pytest.approx([5.0, 5.0], abs=1e-3)
+    # A result without the lists (no --save-detailed) has no intervals.
+    assert not any(k.endswith("_ci90") for k in metrics_from_bench(SAMPLE))
+    assert bootstrap_interval([7.0] * 10, 99) == [7.0, 7.0]
+
+
+def test_ratio_bounds_of_two_intervals() -> None:
+    assert ratio_bounds([45.0, 75.0], [50.0, 60.0]) == [0.75, 1.5]
+    assert ratio_bounds(None, [50.0, 60.0]) is None
+    assert ratio_bounds([1.0, 2.0], [0.0, 1.0]) is None
 
 
 def test_a_result_without_the_percentiles_is_refused() -> None:
@@ -240,9 +280,21 @@ def test_paired_ratios_pair_each_round_with_the_base() -> None:
     # The base's TPOT was 0 in that round: no ratio, not a division error.
     assert at_inf["tpot_p50_ratio_by_round"] == [None] and at_inf["tpot_p50_ratio"] is None
     assert rows[("base", "8.0")]["output_ratio"] == 1.0
+    # Records without intervals have no bounds.
+    assert at8["ttft_p99_ratio_bounds_by_round"] == [None, None]
     table = paired_table(list(rows.values()), "base")
     (line,) = [t for t in table.splitlines() if t.startswith("ours") and " 8 " in t]
     assert "1.20x (1.10-1.30)" in line and "0.62x (0.50-0.75)" in line
+    # With intervals: the widest bounds over the rounds.
+    ci = "ttft_ms_p99_ci90"
+    records[0][ci], records[1][ci] = [40.0, 60.0], [20.0, 30.0]
+    records[4][ci], records[5][ci] = [45.0, 55.0], [40.0, 66.0]
+    rows = {(r["system"], str(r["request_rate"])): r for r in paired_ratios(records, "base")}
+    bounds = rows[("ours", "8.0")]["ttft_p99_ratio_bounds_by_round"]
+    assert bounds == [[0.3333, 0.75], [0.7273, 1.4667]]
+    table = paired_table(list(rows.values()), "base")
+    (line,) = [t for t in table.splitlines() if t.startswith("ours") and " 8 " in t]
+    assert "0.33-1.47" in line, line
     (line,) = [t for t in table.splitlines() if t.startswith("ours") and " inf " in t]
     assert line.split()[-2] == "-", line
 
@@ -320,6 +372,11 @@ def test_cpu_preset_end_to_end(tmp_path: Path) -> None:
         assert r["vllm_version"].startswith("0.32"), where
         assert r["server_start_s"] > 0, where
         _assert_ordered(r)
+        # Per-request latencies kept (the bulky lists dropped) and intervals.
+        low, high = r["ttft_ms_p99_ci90"]
+        assert 0 < low <= high, (where, low, high)
+        kept = json.loads(Path(r["bench_result"]).read_text())
+        assert len(kept["ttfts"]) == r["completed"] and "itls" not in kept, where
         stats = r.get("pipeline_stats")
         if r["system"] == "vllm-async":
             assert stats is None, where
