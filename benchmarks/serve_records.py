@@ -40,10 +40,10 @@ _SCALARS = {
 }
 
 
-# Per-request lists of a `--save-detailed` result that a record's confidence
-# intervals need; the others (every inter-token gap, every generated text)
-# are dropped from the kept file (megabytes per rate at rate inf).
-KEPT_DETAIL = ("ttfts", "latencies", "output_lens", "start_times", "queue_times")
+# Per-request lists of a `--save-detailed` result dropped from the kept file
+# (megabytes per rate at rate inf): every inter-token gap, every generated
+# text, and the prompt lengths (all equal). Kept: the per-request ttfts,
+# latencies, output_lens, start_times and queue_times.
 DROPPED_DETAIL = ("itls", "generated_texts", "input_lens")
 
 # Bootstrap of the per-request latencies: resamples, seed, interval.
