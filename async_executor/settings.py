@@ -48,13 +48,14 @@ class PipelineSettings:
     # them: the largest extra delay a window may add to its admission, while
     # requests keep arriving.
     max_admission_delay_ms: float = 25.0
-    # While requests keep arriving, a window opens only if windows are
-    # measured to make decode steps at least this much faster (0.1: 10%).
-    # Where the device bounds the step (a large model at a small batch) they
-    # gain nothing and would only delay tokens and arrivals
-    # (`pipeline/window.py`, `WindowPayoff`). 0 turns the check off; so does
-    # max_admission_delay_ms=0 (an arrival's delay is accepted then).
-    min_window_gain: float = 0.1
+    # While requests keep arriving, a window opens only if windows were
+    # measured to make decode steps of batches that size at least this much
+    # faster than one-token steps (0.05: 5%). Where the device bounds the
+    # step (a large model at a small batch) they gain nothing and would only
+    # delay tokens and arrivals (`pipeline/window.py`, `WindowPayoff`). 0
+    # turns the check off; so does max_admission_delay_ms=0 (an arrival's
+    # delay is accepted then).
+    min_window_gain: float = 0.05
     # Where the runner's work runs. "process": the worker in its own process,
     # so the engine schedules batch N+1 while N computes, without sharing a
     # GIL with it. "thread": a device-stage thread in the engine process.

@@ -189,6 +189,16 @@ run_serve_1b_check() {
     16,48 160 "$OUT/serve-1b-check" --interleave --kv-cache-gib 8
 }
 
+run_serve_1b_gain() {
+  # The measured window payoff (per batch size, windows against one-token
+  # steps) at 1B, where windows pay and the earlier estimate from the
+  # engine's wait declined them (run 20261129-040704-h200): vLLM async
+  # against the defaults, one round (about 5 minutes with the kit).
+  step serve-1b-gain
+  serve_sweep llama-1b "vllm-async,async_executor" 16 160 "$OUT/serve-1b-gain" \
+    --interleave --kv-cache-gib 8
+}
+
 run_tp_exactness() {
   step tp-exactness
   python3 -m benchmarks.gpu_exactness --tp 2 --out "$OUT/tp-exactness" \

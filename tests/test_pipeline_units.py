@@ -17,6 +17,7 @@ from async_executor.pipeline.window import (
     DecodeBatch,
     StepClock,
     WindowBounds,
+    WindowChoice,
     WindowPayoff,
     choose_window,
     latency_cap,
@@ -142,42 +143,92 @@ def test_step_clock_averages_intervals_per_device_step() -> None:
     assert clock.step_ms == pytest.approx(3.0)
 
 
-def test_window_payoff_from_the_engine_wait() -> None:
-    """E = interval - wait per batch, D = interval / w: windows pay E / D - 1
-    at most."""
-    ms = 1_000_000
-    payoff = WindowPayoff(alpha=1.0, idle_after_s=1.0, engine_bound=0.1, reprobe_batches=4)
-    assert payoff.gain() is None and payoff.windows_pay(0.1)  # nothing known: probe
-    payoff.observe(0, 0, 1, decode_only=True)  # the first batch has no interval
-    # Device-bound one-token steps (an 8B model, few requests): 5 ms steps, the
-    # engine busy 1.5 ms of them and waiting the rest.
-    payoff.observe(5 * ms, int(3.5 * ms), 1, decode_only=True)
-    assert payoff.gain() == 0.0 and not payoff.windows_pay(0.1)
-    # Engine-bound one-token steps (4 ms of engine work, the engine never
-    # waits): the device time is unknown below 4 ms; after `reprobe_batches`
-    # such batches the estimate is dropped and a window may measure it.
-    t = 5 * ms
-    for _ in range(2):
-        t += 4 * ms
-        payoff.observe(t, 0, 1, decode_only=True)
-        assert payoff.device_ms == pytest.approx(5.0)
-        assert not payoff.windows_pay(0.1)
-    t += 4 * ms
-    payoff.observe(t, 0, 1, decode_only=True)
-    assert payoff.device_ms is None and payoff.windows_pay(0.1)
-    # The probe: a window of 2 in 5 ms, the engine waiting 1 ms of it: 2.5 ms
-    # device steps against 4 ms of engine work: 60% faster with windows.
-    t += 5 * ms
-    payoff.observe(t, 1 * ms, 2, decode_only=True)
-    assert payoff.gain() == pytest.approx(4.0 / 2.5 - 1)
-    assert payoff.windows_pay(0.1) and not payoff.windows_pay(0.7)
-    # A prefill batch and an interval after an idle engine teach nothing.
-    before = (payoff.engine_ms, payoff.device_ms)
-    t += 30 * ms
-    payoff.observe(t, 29 * ms, 1, decode_only=False)
-    t += 2_000 * ms
-    payoff.observe(t, 0, 2, decode_only=True)
-    assert (payoff.engine_ms, payoff.device_ms) == before
+def _feed(payoff: WindowPayoff, t: int, step_ms: float, steps: int, batch: int, n: int) -> int:
+    """n pure-decode batches of `steps` device steps, `step_ms` each, back to
+    back from time t; returns the time after them."""
+    for _ in range(n):
+        t += int(step_ms * steps * 1_000_000)
+        payoff.observe(t, steps, decode_only=True, batch_size=batch)
+    return t
+
+
+def test_window_payoff_compares_measured_step_times() -> None:
+    """gain = one-token time per step / window time per step - 1, from steady
+    batches only (the first after a switch mixes both kinds)."""
+    payoff = WindowPayoff(alpha=1.0, idle_after_s=1.0, reprobe_batches=8, probe_batches=3)
+    assert payoff.gain(32) is None
+    t = _feed(payoff, 0, 4.0, 1, 32, 3)  # engine-bound one-token steps: 4 ms
+    assert payoff.times(32).one_token_ms == pytest.approx(4.0)
+    # The switch: this window's interval is not steady, and is not taken.
+    t = _feed(payoff, t, 1.0, 2, 32, 1)
+    assert payoff.gain(32) is None
+    t = _feed(payoff, t, 2.5, 2, 32, 1)  # windows of 2 at 2.5 ms a step
+    assert payoff.gain(32) == pytest.approx(4.0 / 2.5 - 1)
+    assert payoff.decide(0.5, 32) is WindowChoice.OPEN
+    assert payoff.decide(0.7, 32) is WindowChoice.DECLINE
+    # Batches of other sizes are measured apart: 36 shares 32's half octave
+    # (27-38), 40 does not.
+    assert payoff.gain(36) == payoff.gain(32) and payoff.gain(40) is None
+    # A prefill batch and an interval after an idle engine teach nothing;
+    # after the prefill the next decode batch is not steady either.
+    before = payoff.times(32).window_ms
+    t += 30_000_000
+    payoff.observe(t, 1, decode_only=False, batch_size=32)
+    t = _feed(payoff, t, 9.0, 2, 32, 1)
+    t += 2_000_000_000
+    payoff.observe(t, 2, decode_only=True, batch_size=32)
+    assert payoff.times(32).window_ms == before
+
+
+def test_window_payoff_where_the_device_bounds_the_step() -> None:
+    """A large model at a small batch: windows run at the one-token speed, so
+    they are declined; the probes that measured that recur only once per
+    `reprobe_batches` batches of the bucket, each `probe_batches` long."""
+    payoff = WindowPayoff(alpha=1.0, idle_after_s=1.0, reprobe_batches=8, probe_batches=3)
+    choices = [payoff.decide(0.05, 4)]
+    assert choices == [WindowChoice.PROBE_WINDOW]  # nothing known: windows first
+    t = 0
+    for _ in range(40):
+        steps = 2 if choices[-1].opens else 1
+        t = _feed(payoff, t, 5.0, steps, 4, 1)
+        choices.append(payoff.decide(0.05, 4))
+    assert payoff.gain(4) == pytest.approx(0.0)
+    # Three windows, then three one-token steps measured; then declined (a
+    # declined step is a one-token step: no one-token probe is needed again)
+    # until the window measurement is `reprobe_batches` batches old.
+    assert choices[:6] == [WindowChoice.PROBE_WINDOW] * 3 + [WindowChoice.PROBE_ONE_TOKEN] * 3
+    assert WindowChoice.OPEN not in choices
+    assert WindowChoice.PROBE_ONE_TOKEN not in choices[6:]
+    opened = [i for i, c in enumerate(choices) if c.opens]
+    assert len(opened) == 12, choices  # 41 decisions: 4 probes of 3
+    assert all(b - a >= 8 for a, b in zip(opened[2::3], opened[3::3], strict=False)), choices
+
+
+def test_window_payoff_where_windows_pay() -> None:
+    """A small model: windows twice as fast per step. They keep opening, and
+    one-token steps are probed once per `reprobe_batches` to keep the
+    comparison current; if windows stop paying (the load changed), they are
+    declined from the next measurement on."""
+    payoff = WindowPayoff(alpha=1.0, idle_after_s=1.0, reprobe_batches=8, probe_batches=3)
+    one_token_ms, window_ms = 4.0, 2.0
+    t = 0
+    choices: list[WindowChoice] = []
+    for _ in range(48):
+        choice = payoff.decide(0.05, 128)
+        choices.append(choice)
+        t = _feed(
+            payoff, t, window_ms if choice.opens else one_token_ms, 2 if choice.opens else 1, 128, 1
+        )
+    assert payoff.gain(128) == pytest.approx(1.0)
+    assert choices[:6] == [WindowChoice.PROBE_WINDOW] * 3 + [WindowChoice.PROBE_ONE_TOKEN] * 3
+    probes = [c for c in choices if c is WindowChoice.PROBE_ONE_TOKEN]
+    assert choices.count(WindowChoice.OPEN) >= 30 and len(probes) <= 3 * (48 // 8 + 1)
+    # Windows no longer pay: the next window samples say so.
+    for _ in range(6):
+        choice = payoff.decide(0.05, 128)
+        t = _feed(payoff, t, 4.0, 2 if choice.opens else 1, 128, 1)
+    assert payoff.gain(128) == pytest.approx(0.0)
+    assert payoff.decide(0.05, 128) in (WindowChoice.DECLINE, WindowChoice.PROBE_ONE_TOKEN)
 
 
 def test_window_payoff_is_shared_per_engine_config() -> None:

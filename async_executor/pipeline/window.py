@@ -35,6 +35,7 @@ into the next scheduled step.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
@@ -161,95 +162,166 @@ class StepClock:
         )
 
 
+class WindowChoice(enum.Enum):
+    """What `WindowPayoff.decide` says of a window the scheduler may open."""
+
+    OPEN = "open"  # measured to pay
+    DECLINE = "decline"  # measured not to pay, or not known to (no estimate)
+    PROBE_WINDOW = "probe-window"  # open, to measure windows
+    PROBE_ONE_TOKEN = "probe-one-token"  # one-token step, to measure those
+
+    @property
+    def opens(self) -> bool:
+        return self in (WindowChoice.OPEN, WindowChoice.PROBE_WINDOW)
+
+
+@dataclass(slots=True)
+class _StepTimes:
+    """Time per decode step, with and without windows, in one bucket of batch
+    sizes. Positions count the bucket's pure-decode batches."""
+
+    one_token_ms: float | None = None
+    window_ms: float | None = None
+    batches: int = 0
+    one_token_at: int | None = None  # position of the last sample of each kind
+    window_at: int | None = None
+    one_token_probed_at: int | None = None  # position when a probe of each kind began
+    window_probed_at: int | None = None
+
+
 class WindowPayoff:
-    """Whether decode windows make decode steps faster, learned from how long
-    the engine thread waits for each batch's sampled ids.
+    """Whether decode windows make decode steps faster, measured: the time per
+    step of pure-decode batches that ran as windows against that of
+    one-token batches of about the same size.
 
-    A window saves host work, not device work: the engine schedules and
-    processes outputs once per w device steps instead of once per step. Per
-    pure-decode batch of w device steps the engine sees the interval since
-    the previous batch resolved and the part of it spent waiting:
+    A window saves host work (the engine schedules and processes outputs once
+    per w device steps), not device work. Where the device bounds the step (a
+    large model at a small batch) a window saves nothing and only costs
+    latency: a stream gets its tokens w at a time, and an arrival waits
+    behind the windows in flight. How much it saves depends on how the
+    engine's work, the worker's input preparation and the device overlap,
+    which no model of the pipeline predicts well (an estimate from the
+    engine's wait alone declined windows at 1B on an H200 where they pay;
+    benchmarks/SERVING.md), so the gain is measured, not modelled:
 
-        engine work per batch    E = interval - wait
-        device time per step     D = interval / w    (while the engine waits)
+        gain = (time per step, one-token batches)
+               / (time per step, window batches) - 1
 
-    One-token steps run at max(E, D) each; windows of w at max(E / w, D). So
-    windows speed decode steps up by at most E / D, and not at all where the
-    device bounds the step (E <= D: a large model at a small batch). There
-    they would only cost latency: a stream gets its tokens w at a time, and an
-    arrival waits behind the windows in flight.
+    per bucket of batch sizes (half octaves: a step's time grows with the
+    batch). A batch's time is the interval between its result and the
+    previous batch's on the engine thread, per device step: with batches in
+    flight back to back that is the pipeline's time per batch.
 
-    Where the engine does not wait at all (wait <= `engine_bound` of the
-    interval) D is not seen, only its upper bound interval / w. With one-token
-    steps that bound is no estimate, so the next scheduling step may probe a
-    window to measure D - at once when nothing is known, otherwise after
-    `reprobe_batches` batches without one (a load that grows past the point
-    where windows pay is found again; at the edge, windows open once per that
-    many batches).
-
-    Blind spot: with the worker in its own process, time the worker spends
-    preparing a one-token step's inputs counts as device time here, and a
-    device window saves that too. Windows may then close where they would
-    still gain a little.
+    Only steady batches are timed: pure-decode batches that follow a
+    pure-decode batch of the same kind. The first batch after a switch was
+    launched while a batch of the other kind ran, and its interval mixes the
+    two. So a kind with no recent sample in the bucket is probed with
+    `probe_batches` batches of it in a row - windows first - at most once per
+    `reprobe_batches` batches of the bucket: one-token batches while windows
+    keep opening, windows while they keep being declined (a load that grows
+    past the point where windows pay is found again).
     """
 
     def __init__(
         self,
         alpha: float = 0.2,
         idle_after_s: float = 0.5,
-        engine_bound: float = 0.1,
-        reprobe_batches: int = 32,
+        reprobe_batches: int = 64,
+        probe_batches: int = 3,
     ) -> None:
+        if probe_batches < 2:
+            raise ValueError("a probe needs two batches in a row: the first is not steady")
         self.alpha = alpha
         self.idle_after_ns = int(idle_after_s * 1e9)
-        self.engine_bound = engine_bound
         self.reprobe_batches = reprobe_batches
-        self.engine_ms: float | None = None
-        self.device_ms: float | None = None
+        self.probe_batches = probe_batches
+        self._buckets: dict[int, _StepTimes] = {}
         self._last_ns: int | None = None
-        self._since_window = 0
+        # Whether the previous batch was a window; None if it was no
+        # pure-decode batch.
+        self._last_window: bool | None = None
+        # The probe under way: its bucket, its kind and the batches left.
+        self._probe: tuple[int, WindowChoice, int] | None = None
 
-    def observe(self, now_ns: int, wait_ns: int, device_steps: int, decode_only: bool) -> None:
-        """A batch of `device_steps` steps resolved at `now_ns` after the
-        engine waited `wait_ns` for it. Batches that prefill are skipped: their
-        steps are not decode steps."""
+    @staticmethod
+    def bucket(batch_size: int) -> int:
+        """Half octaves: 1, 2, 3, 4, 5-6, 7-9, 10-13, ..., 27-38, ..., 216-304
+        requests."""
+        return round(2 * math.log2(max(1, batch_size)))
+
+    def times(self, batch_size: int) -> _StepTimes:
+        key = self.bucket(batch_size)
+        times = self._buckets.get(key)
+        if times is None:
+            times = self._buckets[key] = _StepTimes()
+        return times
+
+    def observe(self, now_ns: int, device_steps: int, decode_only: bool, batch_size: int) -> None:
+        """A batch of `batch_size` requests and `device_steps` steps resolved
+        on the engine thread at `now_ns`. Batches that prefill teach nothing:
+        their steps are not decode steps."""
         last, self._last_ns = self._last_ns, now_ns
-        if last is None or device_steps <= 0 or not decode_only:
+        pure_decode = decode_only and device_steps > 0 and batch_size > 0
+        window = device_steps > 1
+        previous, self._last_window = self._last_window, window if pure_decode else None
+        if not pure_decode:
             return
+        times = self.times(batch_size)
+        times.batches += 1
+        if last is None or previous is not window:
+            return  # not steady
         interval = now_ns - last
         if interval <= 0 or interval > self.idle_after_ns:
             return  # after an idle engine: not a step
-        wait = min(max(wait_ns, 0), interval)
-        self.engine_ms = self._average(self.engine_ms, (interval - wait) / 1e6)
-        if device_steps > 1:
-            self._since_window = 0
+        sample = interval / device_steps / 1e6
+        if window:
+            times.window_ms = self._average(times.window_ms, sample)
+            times.window_at = times.batches
         else:
-            self._since_window += 1
-            if wait <= self.engine_bound * interval:
-                # Engine-bound one-token step: D is unknown below the interval.
-                if self.device_ms is None or self._since_window >= self.reprobe_batches:
-                    self.device_ms = None
-                return
-        self.device_ms = self._average(self.device_ms, interval / device_steps / 1e6)
+            times.one_token_ms = self._average(times.one_token_ms, sample)
+            times.one_token_at = times.batches
 
-    def gain(self) -> float | None:
-        """How much faster decode steps can get with windows (E / D - 1, at
-        least 0); None while there is no estimate."""
-        if self.engine_ms is None or self.device_ms is None or self.device_ms <= 0:
+    def gain(self, batch_size: int) -> float | None:
+        """How much faster decode steps of this batch size ran in windows
+        (negative: slower); None while either kind is unmeasured."""
+        times = self._buckets.get(self.bucket(batch_size))
+        if times is None or times.one_token_ms is None or not times.window_ms:
             return None
-        return max(0.0, self.engine_ms / self.device_ms - 1.0)
+        return times.one_token_ms / times.window_ms - 1.0
 
-    def windows_pay(self, min_gain: float) -> bool:
-        """Whether a window is worth its latency: gain >= `min_gain`, or no
-        estimate yet (the window is the measurement)."""
-        gain = self.gain()
-        return gain is None or gain >= min_gain
+    def decide(self, min_gain: float, batch_size: int) -> WindowChoice:
+        """For a pure-decode batch of `batch_size` requests that could run as
+        a window: open it if windows measured at least `min_gain` faster; or
+        probe the kind whose measurement is missing or old."""
+        key = self.bucket(batch_size)
+        if self._probe is not None:
+            probe_key, kind, left = self._probe
+            self._probe = (probe_key, kind, left - 1) if left > 1 else None
+            if probe_key == key:
+                return kind
+        times = self.times(batch_size)
+        for kind, sampled_at, probed_at in (
+            (WindowChoice.PROBE_WINDOW, times.window_at, times.window_probed_at),
+            (WindowChoice.PROBE_ONE_TOKEN, times.one_token_at, times.one_token_probed_at),
+        ):
+            if self._due(times, sampled_at) and self._due(times, probed_at):
+                if kind is WindowChoice.PROBE_WINDOW:
+                    times.window_probed_at = times.batches
+                else:
+                    times.one_token_probed_at = times.batches
+                self._probe = (key, kind, self.probe_batches - 1)
+                return kind
+        gain = self.gain(batch_size)
+        return WindowChoice.OPEN if gain is not None and gain >= min_gain else WindowChoice.DECLINE
+
+    def _due(self, times: _StepTimes, position: int | None) -> bool:
+        return position is None or times.batches - position >= self.reprobe_batches
 
     def _average(self, mean: float | None, sample: float) -> float:
         return sample if mean is None else mean + self.alpha * (sample - mean)
 
 
-# The executor (which sees the engine wait) and the scheduler (which opens
+# The executor (which sees each batch resolve) and the scheduler (which opens
 # windows) of one engine share a WindowPayoff, keyed by their VllmConfig
 # object as the counters are (`counters.py`).
 _PAYOFFS: dict[int, WindowPayoff] = {}

@@ -116,6 +116,7 @@ class _Launched:
     in_flight: InFlightBatch | None
     # Every scheduled token is a decode step's (no prefill in the batch).
     decode_only: bool
+    num_requests: int
 
 
 def _done(value: Any) -> Future[Any]:
@@ -165,18 +166,19 @@ class _Pipeline:
         total = scheduler_output.total_num_scheduled_tokens
         if total:
             in_flight = self.tracker.launch(device_steps=window)
-        decode_only = total == window * len(scheduler_output.num_scheduled_tokens)
+        num_requests = len(scheduler_output.num_scheduled_tokens)
+        decode_only = total == window * num_requests
         if self._hands_off:
             scheduler_output = detach_scheduler_output(scheduler_output)
         if window > 1:
             # The whole window in one worker call; sample_tokens hands out
             # its output (a window never has a grammar to apply).
             job = self._submit(run_window, scheduler_output)
-            self._launched = _Launched(job, True, in_flight, decode_only)
+            self._launched = _Launched(job, True, in_flight, decode_only, num_requests)
             future: Future[Any] = _done(None)
         else:
             job = self._submit("execute_model", scheduler_output)
-            self._launched = _Launched(job, False, in_flight, decode_only)
+            self._launched = _Launched(job, False, in_flight, decode_only, num_requests)
             future = ResolvingFuture(functools.partial(self._resolve_execute, job, in_flight))
         if not non_block:
             return future.result()
@@ -214,12 +216,15 @@ class _Pipeline:
         self, executed: Future[Any] | None, job: Future[Any], launched: _Launched
     ) -> Any:
         # Runs on the engine thread, where it waits for the batch's sampled ids.
-        start = time.perf_counter_ns()
         output = self._sampled_output(executed, job, launched.in_flight)
         in_flight = launched.in_flight
         if in_flight is not None:
-            now = time.perf_counter_ns()
-            self.payoff.observe(now, now - start, in_flight.device_steps, launched.decode_only)
+            self.payoff.observe(
+                time.perf_counter_ns(),
+                in_flight.device_steps,
+                launched.decode_only,
+                launched.num_requests,
+            )
         return output
 
     def _sampled_output(

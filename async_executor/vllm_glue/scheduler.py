@@ -40,6 +40,7 @@ from async_executor.pipeline.window import (
     DecodeBatch,
     StepClock,
     WindowBounds,
+    WindowChoice,
     choose_window,
     latency_cap,
     payoff_for,
@@ -210,17 +211,16 @@ class _PipelineScheduling:
             return
         settings = self._settings
         min_gain = settings.min_window_gain
-        if (
-            arrivals_recent
-            and min_gain > 0
-            and settings.max_admission_delay_ms > 0
-            and not self._payoff.windows_pay(min_gain)
-        ):
-            # The device bounds the steps: a window would only delay tokens
-            # and arrivals. (With the admission bound off, an arrival's delay
-            # is accepted and the window asked for is the window run.)
-            self._counters.add(windows_declined=1)
-            return
+        if arrivals_recent and min_gain > 0 and settings.max_admission_delay_ms > 0:
+            # Windows measured not to make steps faster would only delay
+            # tokens and arrivals. (With the admission bound off, an
+            # arrival's delay is accepted and the window asked for is the
+            # window run.)
+            choice = self._payoff.decide(min_gain, len(live))
+            if not choice.opens:
+                if choice is WindowChoice.DECLINE:
+                    self._counters.add(windows_declined=1)
+                return
         placeholders = _placeholders(window - 1)
         for r in live:
             r.spec_token_ids = placeholders
