@@ -22,8 +22,8 @@
 # call then dies with rc -1. Put such scripts in a file first.
 set -u
 OUT=${1:?output directory}
-STEPS=${STEPS:-"serve-1b-check serve-8b-check"}
-# Also: serve-8b-interleaved serve-1b-interleaved (run 20261129-015639-h200), serve-8b-short (the same one server after another), serve-1b-short ab-1b-w1 exactness-process (run 20261128-225506-h200),
+STEPS=${STEPS:-"serve-8b-check serve-1b-check"}
+# Also: serve-1b-gain (run 20261129-043423-h200), serve-8b-interleaved serve-1b-interleaved (run 20261129-015639-h200), serve-8b-short (the same one server after another), serve-1b-short ab-1b-w1 exactness-process (run 20261128-225506-h200),
 # ab-1b ab-8b ab-8b-process exactness (run 20261128-200939-h200), profile
 # llama-1b llama-8b serve-1b (the one-system-after-another runs)
 # On two GPUs (nvidia-h200-x2): STEPS="tp-exactness tp"
@@ -174,8 +174,9 @@ run_serve_8b_check() {
   # The window payoff check (min_window_gain, on by default) at 8B against
   # vLLM async and against itself turned off, two rounds, 200 requests at
   # 4 req/s so that TTFT p99 rests on more than one or two first tokens
-  # (about 15 minutes). Runs 20261129-015639-h200 (without the check: TTFT
-  # p50 1.16x at 4 req/s) and 20261129-022254-h200 (with it, 60 requests).
+  # (about 16 minutes with the server start). Run 20261129-040704-h200 ran
+  # it with the earlier estimate (from the engine's wait); the measured
+  # payoff (20261129-043423-h200, 1B only) has not run at 8B.
   step serve-8b-check
   serve_sweep llama-8b "vllm-async,async_executor,async_executor[min_window_gain=0]" \
     4,16,32 200 "$OUT/serve-8b-check" --interleave --rounds 2 --kv-cache-gib 20
@@ -183,7 +184,7 @@ run_serve_8b_check() {
 
 run_serve_1b_check() {
   # The same at 1B, where windows pay: the check must keep them open (about
-  # 4 minutes).
+  # 5 minutes; the earlier estimate did not, run 20261129-040704-h200).
   step serve-1b-check
   serve_sweep llama-1b "vllm-async,async_executor,async_executor[min_window_gain=0]" \
     16,48 160 "$OUT/serve-1b-check" --interleave --kv-cache-gib 8

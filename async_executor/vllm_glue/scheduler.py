@@ -99,7 +99,7 @@ class _PipelineScheduling:
         self._max_window = settings.decode_window
         self._depth = self.vllm_config.max_concurrent_batches
         self._clock = StepClock()
-        # Fed by the executor (the engine's wait for each batch).
+        # Fed by the executor (each batch timed as it resolves).
         self._payoff = payoff_for(self.vllm_config)
         self._last_arrival_ns = 0
         # Steps scheduled and steps whose output was processed: every
