@@ -98,31 +98,59 @@ def latency_intervals(result: Mapping[str, Any]) -> dict[str, Any]:
     p50 from a result's per-request lists (`--save-detailed`); nothing for a
     result without them. A p99 of 60 requests is about the largest one or
     two: the interval says how far another sample of the same load could
-    move it."""
+    move it.
+
+    Requests are resampled in blocks of neighbours in start order
+    (`block_length`), not one by one: under load, first tokens come in
+    waves (requests sent together wait together behind the same prefills),
+    so neighbours' latencies are not independent, and resampling them one by
+    one gives intervals too narrow (SERVING.md, run 20261129-040704-h200)."""
     ttfts, latencies, lens = (result.get(k) for k in ("ttfts", "latencies", "output_lens"))
     if not ttfts or not latencies or not lens:
         return {}
     ttft = np.asarray(ttfts, dtype=float) * 1000
+    lat = np.asarray(latencies, dtype=float) * 1000
+    n = np.asarray(lens, dtype=float)
+    starts = result.get("start_times")
+    if starts is not None and len(starts) == len(ttft):
+        order = np.argsort(np.asarray(starts, dtype=float), kind="stable")
+        ttft, lat, n = ttft[order], lat[order], n[order]
+    block = block_length(len(ttft))
     out: dict[str, Any] = {
-        f"ttft_ms_p{p}_ci{CI_LEVEL}": bootstrap_interval(ttft, p) for p in (50, 99)
+        f"ttft_ms_p{p}_ci{CI_LEVEL}": bootstrap_interval(ttft, p, block) for p in (50, 99)
     }
     # TPOT as vLLM computes it: the time after the first token over the
     # tokens after it, for requests of more than one token.
-    lat = np.asarray(latencies, dtype=float) * 1000
-    n = np.asarray(lens, dtype=float)
     several = n > 1
     if several.any():
         tpot = (lat[several] - ttft[several]) / (n[several] - 1)
-        out[f"tpot_ms_p50_ci{CI_LEVEL}"] = bootstrap_interval(tpot, 50)
+        out[f"tpot_ms_p50_ci{CI_LEVEL}"] = bootstrap_interval(tpot, 50, block_length(len(tpot)))
     return out
 
 
-def bootstrap_interval(values: Sequence[float] | np.ndarray, percentile: float) -> list[float]:
+def block_length(n: int) -> int:
+    """Requests per resampled block: the square root of their number (32 of
+    1024, 8 of 60), long enough to hold a wave of first tokens."""
+    return max(1, math.ceil(math.sqrt(n)))
+
+
+def bootstrap_interval(
+    values: Sequence[float] | np.ndarray, percentile: float, block: int = 1
+) -> list[float]:
     """[low, high] of the percentile over resamples of `values` (numpy's
-    default, linear, method: the one `vllm bench serve` reports)."""
+    default, linear, method: the one `vllm bench serve` reports). With
+    `block` > 1, a moving-block bootstrap: each resample joins blocks of
+    `block` neighbouring values from random starts, cut to the length of
+    `values`, so that dependence between neighbours is kept."""
     data = np.asarray(values, dtype=float)
+    size = len(data)
     rng = np.random.default_rng(BOOTSTRAP_SEED)
-    draws = rng.integers(0, len(data), size=(BOOTSTRAP_RESAMPLES, len(data)))
+    if block <= 1 or size <= block:
+        draws = rng.integers(0, size, size=(BOOTSTRAP_RESAMPLES, size))
+    else:
+        blocks = -(-size // block)
+        first = rng.integers(0, size - block + 1, size=(BOOTSTRAP_RESAMPLES, blocks))
+        draws = (first[:, :, None] + np.arange(block)).reshape(BOOTSTRAP_RESAMPLES, -1)[:, :size]
     stats = np.percentile(data[draws], percentile, axis=1)
     tail = (100 - CI_LEVEL) / 2
     low, high = np.percentile(stats, [tail, 100 - tail])

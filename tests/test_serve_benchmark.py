@@ -29,7 +29,9 @@ from benchmarks.serve_records import (
     PERCENTILES,
     REQUIRED_FIELDS,
     BenchResultError,
+    block_length,
     bootstrap_interval,
+    latency_intervals,
     metrics_from_bench,
     paired_ratios,
     paired_table,
@@ -110,6 +112,31 @@ def test_per_request_latencies_give_confidence_intervals() -> None:
     # A result without the lists (no --save-detailed) has no intervals.
     assert not any(k.endswith("_ci90") for k in metrics_from_bench(SAMPLE))
     assert bootstrap_interval([7.0] * 10, 99) == [7.0, 7.0]
+
+
+def test_block_bootstrap_keeps_waves_of_first_tokens_together() -> None:
+    """At rate inf the slowest first tokens are neighbours in start order
+    (one group waited behind the same prefills). Resampled one by one, every
+    resample holds about as many of them and the p99 hardly moves; resampled
+    in blocks of neighbours, a resample may hold the wave twice or miss it,
+    which is what another run of the same load can do."""
+    wave = [100.0 + i for i in range(20)]
+    values = [10.0] * 500 + wave + [10.0] * 500
+    assert block_length(len(values)) == 32 and block_length(60) == 8 and block_length(1) == 1
+    one_by_one = bootstrap_interval(values, 99)
+    blocks = bootstrap_interval(values, 99, block_length(len(values)))
+    assert blocks[1] - blocks[0] > 2 * (one_by_one[1] - one_by_one[0]), (one_by_one, blocks)
+    assert blocks[0] < one_by_one[0]
+    # The order is the requests' start order, not the order of the lists.
+    shuffled = list(range(len(values)))
+    np.random.default_rng(1).shuffle(shuffled)
+    result = {
+        "ttfts": [values[i] / 1000 for i in shuffled],
+        "latencies": [values[i] / 1000 + 1.0 for i in shuffled],
+        "output_lens": [11] * len(values),
+        "start_times": [float(i) for i in shuffled],
+    }
+    assert latency_intervals(result)["ttft_ms_p99_ci90"] == pytest.approx(blocks)
 
 
 def test_ratio_bounds_of_two_intervals() -> None:
