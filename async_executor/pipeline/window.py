@@ -176,7 +176,7 @@ class WindowChoice(enum.Enum):
 
 
 @dataclass(slots=True)
-class _StepTimes:
+class StepTimes:
     """Time per decode step, with and without windows, in one bucket of batch
     sizes. Positions count the bucket's pure-decode batches."""
 
@@ -235,7 +235,7 @@ class WindowPayoff:
         self.idle_after_ns = int(idle_after_s * 1e9)
         self.reprobe_batches = reprobe_batches
         self.probe_batches = probe_batches
-        self._buckets: dict[int, _StepTimes] = {}
+        self._buckets: dict[int, StepTimes] = {}
         self._last_ns: int | None = None
         # Whether the previous batch was a window; None if it was no
         # pure-decode batch.
@@ -249,11 +249,11 @@ class WindowPayoff:
         requests."""
         return round(2 * math.log2(max(1, batch_size)))
 
-    def times(self, batch_size: int) -> _StepTimes:
+    def times(self, batch_size: int) -> StepTimes:
         key = self.bucket(batch_size)
         times = self._buckets.get(key)
         if times is None:
-            times = self._buckets[key] = _StepTimes()
+            times = self._buckets[key] = StepTimes()
         return times
 
     def observe(self, now_ns: int, device_steps: int, decode_only: bool, batch_size: int) -> None:
@@ -314,7 +314,7 @@ class WindowPayoff:
         gain = self.gain(batch_size)
         return WindowChoice.OPEN if gain is not None and gain >= min_gain else WindowChoice.DECLINE
 
-    def _due(self, times: _StepTimes, position: int | None) -> bool:
+    def _due(self, times: StepTimes, position: int | None) -> bool:
         return position is None or times.batches - position >= self.reprobe_batches
 
     def _average(self, mean: float | None, sample: float) -> float:
