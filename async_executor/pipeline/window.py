@@ -137,6 +137,11 @@ def latency_cap(
     return max(1, min(caps)) if caps else None
 
 
+def _average(mean: float | None, sample: float, alpha: float) -> float:
+    """Exponential moving average; the first sample starts it."""
+    return sample if mean is None else mean + alpha * (sample - mean)
+
+
 class StepClock:
     """Host-observed time of one device step: the interval between
     consecutive batch results divided by the batch's device steps, averaged
@@ -156,10 +161,7 @@ class StepClock:
         interval = now_ns - last
         if interval > self.idle_after_ns:
             return
-        sample = interval / 1e6 / device_steps
-        self.step_ms = (
-            sample if self.step_ms is None else self.step_ms + self.alpha * (sample - self.step_ms)
-        )
+        self.step_ms = _average(self.step_ms, interval / 1e6 / device_steps, self.alpha)
 
 
 class WindowChoice(enum.Enum):
@@ -275,10 +277,10 @@ class WindowPayoff:
             return  # after an idle engine: not a step
         sample = interval / device_steps / 1e6
         if window:
-            times.window_ms = self._average(times.window_ms, sample)
+            times.window_ms = _average(times.window_ms, sample, self.alpha)
             times.window_at = times.batches
         else:
-            times.one_token_ms = self._average(times.one_token_ms, sample)
+            times.one_token_ms = _average(times.one_token_ms, sample, self.alpha)
             times.one_token_at = times.batches
 
     def gain(self, batch_size: int) -> float | None:
@@ -316,9 +318,6 @@ class WindowPayoff:
 
     def _due(self, times: StepTimes, position: int | None) -> bool:
         return position is None or times.batches - position >= self.reprobe_batches
-
-    def _average(self, mean: float | None, sample: float) -> float:
-        return sample if mean is None else mean + self.alpha * (sample - mean)
 
 
 # The executor (which sees each batch resolve) and the scheduler (which opens

@@ -140,7 +140,7 @@ class _Pipeline:
     def _init_pipeline(self) -> None:
         self.counters = counters_for(self.vllm_config)
         self.tracker = InFlightTracker(self.counters)
-        # How long the engine waits for sampled ids: whether windows pay.
+        # Each batch timed as it resolves: whether windows pay.
         self.payoff = payoff_for(self.vllm_config)
         # The batch launched by execute_model whose sampling is next: its
         # job (the whole window, or a one-step batch's execute_model).
@@ -216,30 +216,23 @@ class _Pipeline:
         self, executed: Future[Any] | None, job: Future[Any], launched: _Launched
     ) -> Any:
         # Runs on the engine thread, where it waits for the batch's sampled ids.
-        output = self._sampled_output(executed, job, launched.in_flight)
-        in_flight = launched.in_flight
-        if in_flight is not None:
-            self.payoff.observe(
-                time.perf_counter_ns(),
-                in_flight.device_steps,
-                launched.decode_only,
-                launched.num_requests,
-            )
-        return output
-
-    def _sampled_output(
-        self, executed: Future[Any] | None, job: Future[Any], in_flight: InFlightBatch | None
-    ) -> Any:
         if executed is not None:
             # A failed execute_model leaves vLLM's runner nothing to sample,
             # and its sample_tokens answers with an empty output that the
             # engine would take for the batch's: raise the cause instead.
             self._wait(executed)
         output = to_host(self._wait(job))
+        in_flight = launched.in_flight
         if in_flight is not None:
             self.tracker.resolve(in_flight)
             if in_flight.device_steps > 1 and ran_on_device(output):
                 self.counters.add(device_windows=1)
+            self.payoff.observe(
+                time.perf_counter_ns(),
+                in_flight.device_steps,
+                launched.decode_only,
+                launched.num_requests,
+            )
         return output
 
     def _stats_reply(self, single_value: bool, non_block: bool) -> Any:
