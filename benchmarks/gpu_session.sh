@@ -172,22 +172,23 @@ run_serve_1b_interleaved() {
 
 run_serve_8b_check() {
   # The window payoff check (min_window_gain, on by default) at 8B against
-  # vLLM async and against itself turned off, two rounds, 200 requests at
-  # 4 req/s so that TTFT p99 rests on more than one or two first tokens
-  # (about 16 minutes with the server start). Run 20261129-040704-h200 ran
-  # it with the earlier estimate (from the engine's wait); the measured
-  # payoff (20261129-043423-h200, 1B only) has not run at 8B.
+  # vLLM async, two rounds, 200 requests at 4 req/s so that TTFT p99 rests
+  # on more than one or two first tokens (about 12 minutes with the server
+  # start). Run 20261129-040704-h200 ran it with the earlier estimate (from
+  # the engine's wait) and with the check off as a third server
+  # (CHECK_OFF=1 adds it back, about 4 minutes more).
   step serve-8b-check
-  serve_sweep llama-8b "vllm-async,async_executor,async_executor[min_window_gain=0]" \
+  serve_sweep llama-8b "vllm-async,async_executor${CHECK_OFF:+,async_executor[min_window_gain=0]}" \
     4,16,32 200 "$OUT/serve-8b-check" --interleave --rounds 2 --kv-cache-gib 20
 }
 
 run_serve_1b_check() {
   # The same at 1B, where windows pay: the check must keep them open (about
-  # 5 minutes; the earlier estimate did not, run 20261129-040704-h200).
+  # 6 minutes; the earlier estimate did not, run 20261129-040704-h200), at
+  # rates up to vLLM async's saturation (48-64 req/s).
   step serve-1b-check
-  serve_sweep llama-1b "vllm-async,async_executor,async_executor[min_window_gain=0]" \
-    16,48 160 "$OUT/serve-1b-check" --interleave --kv-cache-gib 8
+  serve_sweep llama-1b "vllm-async,async_executor${CHECK_OFF:+,async_executor[min_window_gain=0]}" \
+    16,32,48 160 "$OUT/serve-1b-check" --interleave --kv-cache-gib 8
 }
 
 run_serve_1b_gain() {
