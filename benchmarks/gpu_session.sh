@@ -23,7 +23,7 @@
 set -u
 OUT=${1:?output directory}
 STEPS=${STEPS:-"serve-8b-check serve-1b-check"}
-# Also: serve-1b-gain (run 20261129-043423-h200), serve-8b-interleaved serve-1b-interleaved (run 20261129-015639-h200), serve-8b-short (the same one server after another), serve-1b-short ab-1b-w1 exactness-process (run 20261128-225506-h200),
+# Also: serve-1b-frontend (run 20261129-065520-h200), serve-1b-gain (run 20261129-043423-h200), serve-8b-interleaved serve-1b-interleaved (run 20261129-015639-h200), serve-8b-short (the same one server after another), serve-1b-short ab-1b-w1 exactness-process (run 20261128-225506-h200),
 # ab-1b ab-8b ab-8b-process exactness (run 20261128-200939-h200), profile
 # llama-1b llama-8b serve-1b (the one-system-after-another runs)
 # On two GPUs (nvidia-h200-x2): STEPS="tp-exactness tp"
@@ -174,9 +174,9 @@ run_serve_8b_check() {
   # The window payoff check (min_window_gain, on by default) at 8B against
   # vLLM async, two rounds, 200 requests at 4 req/s so that TTFT p99 rests
   # on more than one or two first tokens (about 12 minutes with the server
-  # start). Run 20261129-040704-h200 ran it with the earlier estimate (from
-  # the engine's wait) and with the check off as a third server
-  # (CHECK_OFF=1 adds it back, about 4 minutes more).
+  # start; run 20261129-063343-h200). Run 20261129-040704-h200 ran it with
+  # the earlier estimate (from the engine's wait) and with the check off as
+  # a third server (CHECK_OFF=1 adds it back, about 4 minutes more).
   step serve-8b-check
   serve_sweep llama-8b "vllm-async,async_executor${CHECK_OFF:+,async_executor[min_window_gain=0]}" \
     4,16,32 200 "$OUT/serve-8b-check" --interleave --rounds 2 --kv-cache-gib 20
@@ -198,6 +198,19 @@ run_serve_1b_gain() {
   # against the defaults, one round (about 5 minutes with the kit).
   step serve-1b-gain
   serve_sweep llama-1b "vllm-async,async_executor" 16 160 "$OUT/serve-1b-gain" \
+    --interleave --kv-cache-gib 8
+}
+
+run_serve_1b_frontend() {
+  # Where the rate-inf figure goes at 1B: the same two servers at rate inf
+  # only (max concurrency 256), first with four API server processes each
+  # (`--api-server-count 4`: tokenizing, detokenizing and streaming spread
+  # over four front ends), then with vLLM's one; one round each, about 7
+  # minutes with the kit.
+  step serve-1b-frontend
+  serve_sweep llama-1b "vllm-async,async_executor" "" 160 "$OUT/serve-1b-front4" \
+    --interleave --kv-cache-gib 8 --serve-args "--api-server-count 4"
+  serve_sweep llama-1b "vllm-async,async_executor" "" 160 "$OUT/serve-1b-front1" \
     --interleave --kv-cache-gib 8
 }
 
