@@ -8,6 +8,7 @@ compared with the counters read through `collective_rpc`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -39,7 +40,7 @@ from async_executor.pipeline.metrics import (
     window_size_buckets,
     write_snapshot,
 )
-from tests.conftest import corpus_prompts, deterministic_windows
+from tests.conftest import corpus_prompts, deterministic_windows, engine
 from tests.serve_util import vllm_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -356,12 +357,16 @@ def _request(
 
 @contextlib.contextmanager
 def _serve(
-    model: str, log_path: Path, env_changes: dict[str, str | None], extra_path: list[str]
+    model: str,
+    log_path: Path,
+    env_changes: dict[str, str | None],
+    extra_path: list[str],
+    extra_args: list[str] | None = None,
 ) -> Iterator[str]:
     path = [str(REPO), *extra_path, *filter(None, [os.environ.get("PYTHONPATH")])]
     with vllm_server(
         model, log_path, pipeline=deterministic_windows({"decode_window": 4}),
-        startup_timeout=600,
+        startup_timeout=600, extra_args=extra_args,
         env_changes={**env_changes, "PYTHONPATH": os.pathsep.join(path)},
     ) as server:  # fmt: skip
         yield server.base
@@ -484,3 +489,88 @@ def test_metrics_endpoint_in_multiprocess_mode_equals_the_counters(
     assert m["async_executor_window_size_count"] == counters.batches_launched
     # No snapshot files in this mode.
     assert not (tmp_path / "metrics").exists()
+
+
+async def _complete_all(base: str, model: str, jobs: list[tuple[str, int, bool]]) -> list[Any]:
+    """Every (prompt, max_tokens, stream) job at once; per job its token ids,
+    text, finish reason and, if streamed, whether `[DONE]` came."""
+    import aiohttp
+
+    async def one(session: aiohttp.ClientSession, prompt: str, n: int, stream: bool) -> Any:
+        body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": n,
+                                "temperature": 0, "return_token_ids": True}  # fmt: skip
+        if stream:
+            body["stream"] = True
+        async with session.post(base + "/v1/completions", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            if not stream:
+                choice = (await resp.json())["choices"][0]
+                return choice["token_ids"], choice["text"], choice["finish_reason"], None
+            ids: list[int] = []
+            text, reason, done = "", None, False
+            async for raw in resp.content:
+                line = raw.strip()
+                if line == b"data: [DONE]":
+                    done = True
+                elif line.startswith(b"data: "):
+                    for choice in json.loads(line[6:])["choices"]:
+                        assert reason is None, "a chunk after the finish"
+                        ids += choice["token_ids"]
+                        text += choice["text"]
+                        reason = choice["finish_reason"]
+            return ids, text, reason, done
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+        return list(await asyncio.gather(*(one(session, *job) for job in jobs)))
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_several_api_servers_serve_exactly_and_export_once(
+    tiny_model: str, tmp_path: Path, plugin_path: list[str]
+) -> None:
+    """`--api-server-count 2`, which README advises under high concurrency
+    (at rate inf one API server process bounded both executors, run
+    20261129-065520-h200): concurrent requests, streamed and not, equal
+    vLLM's synchronous path token for token, and /metrics, served by
+    whichever API server answers from prometheus_client's multiprocess
+    files (vLLM sets the directory), carries each pipeline series once,
+    equal to the engine's counters."""
+    from vllm import SamplingParams
+
+    prompts = corpus_prompts(8)
+    jobs = [(p, n, (i + j) % 2 == 1)
+            for i, p in enumerate(prompts) for j, n in enumerate((1, 5, 16, 40))]  # fmt: skip
+    pairs = sorted({(p, n) for p, n, _ in jobs})
+    with engine(tiny_model, ours=False, max_model_len=256) as llm:
+        outputs = llm.generate([p for p, _ in pairs],
+                               [SamplingParams(temperature=0.0, max_tokens=n) for _, n in pairs],
+                               use_tqdm=False)  # fmt: skip
+    reference = {pair: o.outputs[0] for pair, o in zip(pairs, outputs, strict=True)}
+
+    env = {"VLLM_SERVER_DEV_MODE": "1", "PROMETHEUS_MULTIPROC_DIR": None}
+    extra = ["--api-server-count", "2"]
+    with _serve(tiny_model, tmp_path / "serve.log", env, plugin_path, extra) as base:
+        results = asyncio.run(_complete_all(base, tiny_model, jobs))
+        for (prompt, n, stream), (ids, text, reason, done) in zip(jobs, results, strict=True):
+            want = reference[(prompt, n)]
+            where = (prompt, n, stream)
+            assert ids == list(want.token_ids), where
+            assert text == want.text and reason == want.finish_reason, where
+            assert done is (True if stream else None), where
+
+        def agreed() -> tuple[list[Any], PipelineStats] | None:
+            status, body = _request(base + "/collective_rpc", {"method": "async_executor_stats"})
+            assert status == 200, body
+            counters = PipelineStats(**json.loads(body)["results"][0])
+            status, text = _request(base + "/metrics")
+            assert status == 200
+            samples = _samples(text.decode())
+            m = _series_of(samples, {"model_name": tiny_model, "engine": "0"})
+            return (list(samples), counters) if m == _expected_series(counters) else None
+
+        samples, counters = _eventually(agreed, "/metrics never matched the counters")
+    # One engine: each series once, whichever process wrote or served it.
+    assert len(samples) == len(_expected_series(counters)), samples
+    assert counters.windowed_batches > 0 and counters.launched_before_predecessor_resolved > 0
+    assert counters.device_steps >= max(n for _, n, _ in jobs), counters
