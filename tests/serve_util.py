@@ -1,4 +1,6 @@
-"""`vllm serve` as a subprocess on the loopback, for the HTTP tests."""
+"""`vllm serve` as a subprocess on the loopback, for the HTTP tests: the
+server, a completions request as a client sends it (streamed or not), and
+vLLM's synchronous path to compare its answers with."""
 
 from __future__ import annotations
 
@@ -13,11 +15,15 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+from vllm import SamplingParams
+
 from async_executor import PipelineStats
+from tests.conftest import engine
 
 # The engine flags of tests/conftest.py's ENGINE_DEFAULTS, as `vllm serve`
 # arguments, so that a server answers like `engine(...)` in-process.
@@ -146,3 +152,85 @@ def metrics(server: Server) -> dict[str, float]:
             for key in keys:
                 out[key] = out.get(key, 0.0) + float(value)
     return out
+
+
+@dataclass(frozen=True)
+class Job:
+    """One `/v1/completions` request, greedy."""
+
+    prompt: str | tuple[int, ...]  # text, or token ids (sent as they are)
+    max_tokens: int
+    stream: bool
+    drop_after_chunks: int = 0  # 0: read to the end
+
+    def body(self, model: str) -> dict[str, Any]:
+        prompt = self.prompt if isinstance(self.prompt, str) else list(self.prompt)
+        body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": self.max_tokens,
+                "temperature": 0, "return_token_ids": True}  # fmt: skip
+        if self.stream:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+        return body
+
+
+@dataclass
+class Result:
+    status: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    chunks: int = 0
+    usage_tokens: int | None = None
+    dropped: bool = False  # the client went away before the end
+    done_marker: bool = False
+
+
+async def run_job(session: aiohttp.ClientSession, url: str, model: str, job: Job) -> Result:
+    """Send `job` and read its answer: the whole body, or the stream chunk by
+    chunk (a chunk after the finish fails), going away after
+    `drop_after_chunks` chunks if the job says so."""
+    result = Result()
+    async with session.post(url, json=job.body(model)) as resp:
+        result.status = resp.status
+        if resp.status != 200 or not job.stream:
+            body = await resp.json(content_type=None)
+            if resp.status == 200:
+                choice = body["choices"][0]
+                result.token_ids, result.text = choice["token_ids"], choice["text"]
+                result.finish_reason = choice["finish_reason"]
+                result.usage_tokens = body["usage"]["completion_tokens"]
+            else:
+                result.text = json.dumps(body)
+            return result
+        async for raw in resp.content:
+            line = raw.strip()
+            if not line.startswith(b"data: "):
+                continue
+            if line == b"data: [DONE]":
+                result.done_marker = True
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                result.usage_tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk["choices"]:
+                assert result.finish_reason is None, "a chunk after the finish"
+                result.chunks += 1
+                result.token_ids += choice["token_ids"]
+                result.text += choice["text"]
+                result.finish_reason = choice["finish_reason"]
+            dropping = job.drop_after_chunks and result.chunks >= job.drop_after_chunks
+            if dropping and result.finish_reason is None:
+                result.dropped = True
+                resp.close()  # the connection, not back to the pool
+                return result
+    return result
+
+
+def sync_reference(model: str, jobs: list[Job], max_model_len: int) -> dict[tuple[Any, int], Any]:
+    """vLLM's synchronous path, in process with the server's engine flags,
+    once per distinct (prompt, max_tokens) of `jobs`: its completion output."""
+    pairs = sorted({(j.prompt, j.max_tokens) for j in jobs}, key=repr)
+    inputs = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p, _ in pairs]
+    params = [SamplingParams(temperature=0.0, max_tokens=n) for _, n in pairs]
+    with engine(model, ours=False, max_model_len=max_model_len) as llm:
+        outputs = llm.generate(inputs, params, use_tqdm=False)
+    return {pair: o.outputs[0] for pair, o in zip(pairs, outputs, strict=True)}

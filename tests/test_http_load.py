@@ -7,20 +7,28 @@ cache drains, and the pipeline's counters stay consistent."""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from typing import Any
 
 import aiohttp
 import pytest
-from vllm import SamplingParams
 
 from async_executor import PipelineStats
-from tests.conftest import corpus_prompts, engine
-from tests.serve_util import Server, counters, metrics, post, vllm_server
+from tests.conftest import corpus_prompts
+from tests.serve_util import (
+    Job,
+    Result,
+    Server,
+    counters,
+    metrics,
+    post,
+    run_job,
+    sync_reference,
+    vllm_server,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -36,34 +44,6 @@ MAX_TOKENS = [1, 2, 3, 5, 8, 13, 16, 24, 32, 48]
 # A dropped stream asks for many tokens, so that it is still running when
 # the client goes away.
 DROPPED_MAX_TOKENS = 200
-
-
-@dataclass(frozen=True)
-class Job:
-    prompt: str | tuple[int, ...]  # text, or token ids (sent as they are)
-    max_tokens: int
-    stream: bool
-    drop_after_chunks: int = 0  # 0: read to the end
-
-    def body(self, model: str) -> dict[str, Any]:
-        prompt = self.prompt if isinstance(self.prompt, str) else list(self.prompt)
-        body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": self.max_tokens,
-                "temperature": 0, "return_token_ids": True}  # fmt: skip
-        if self.stream:
-            body |= {"stream": True, "stream_options": {"include_usage": True}}
-        return body
-
-
-@dataclass
-class Result:
-    status: int = 0
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    chunks: int = 0
-    usage_tokens: int | None = None
-    dropped: bool = False  # the client went away before the end
-    done_marker: bool = False
 
 
 def _jobs() -> list[Job]:
@@ -90,14 +70,7 @@ JOBS = _jobs()
 
 @pytest.fixture(scope="module")
 def reference(tiny_model: str) -> dict[tuple[Any, int], Any]:
-    """vLLM's synchronous path, in process with the server's engine flags,
-    once per distinct (prompt, max_tokens)."""
-    pairs = sorted({(j.prompt, j.max_tokens) for j in JOBS}, key=repr)
-    inputs = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p, _ in pairs]
-    params = [SamplingParams(temperature=0.0, max_tokens=n) for _, n in pairs]
-    with engine(tiny_model, ours=False, max_model_len=MAX_MODEL_LEN) as llm:
-        outputs = llm.generate(inputs, params, use_tqdm=False)
-    return {pair: o.outputs[0] for pair, o in zip(pairs, outputs, strict=True)}
+    return sync_reference(tiny_model, JOBS, MAX_MODEL_LEN)
 
 
 @pytest.fixture(scope="module")
@@ -107,44 +80,6 @@ def server(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         tiny_model, log, pipeline={"decode_window": DECODE_WINDOW}, max_model_len=MAX_MODEL_LEN
     ) as s:
         yield s
-
-
-async def _run_job(session: aiohttp.ClientSession, url: str, model: str, job: Job) -> Result:
-    result = Result()
-    async with session.post(url, json=job.body(model)) as resp:
-        result.status = resp.status
-        if resp.status != 200 or not job.stream:
-            body = await resp.json(content_type=None)
-            if resp.status == 200:
-                choice = body["choices"][0]
-                result.token_ids, result.text = choice["token_ids"], choice["text"]
-                result.finish_reason = choice["finish_reason"]
-                result.usage_tokens = body["usage"]["completion_tokens"]
-            else:
-                result.text = json.dumps(body)
-            return result
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data: "):
-                continue
-            if line == b"data: [DONE]":
-                result.done_marker = True
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                result.usage_tokens = chunk["usage"]["completion_tokens"]
-            for choice in chunk["choices"]:
-                assert result.finish_reason is None, "a chunk after the finish"
-                result.chunks += 1
-                result.token_ids += choice["token_ids"]
-                result.text += choice["text"]
-                result.finish_reason = choice["finish_reason"]
-            dropping = job.drop_after_chunks and result.chunks >= job.drop_after_chunks
-            if dropping and result.finish_reason is None:
-                result.dropped = True
-                resp.close()  # the connection, not back to the pool
-                return result
-    return result
 
 
 async def _load(server: Server) -> list[Result | BaseException]:
@@ -159,7 +94,7 @@ async def _load(server: Server) -> list[Result | BaseException]:
             i = queue.get_nowait()
             try:
                 results[i] = await asyncio.wait_for(
-                    _run_job(session, url, server.model, JOBS[i]), REQUEST_TIMEOUT_S
+                    run_job(session, url, server.model, JOBS[i]), REQUEST_TIMEOUT_S
                 )
             except Exception as e:  # recorded, reported by the test
                 results[i] = e

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,8 +41,8 @@ from async_executor.pipeline.metrics import (
     window_size_buckets,
     write_snapshot,
 )
-from tests.conftest import corpus_prompts, deterministic_windows, engine
-from tests.serve_util import vllm_server
+from tests.conftest import corpus_prompts, deterministic_windows
+from tests.serve_util import Job, Result, run_job, sync_reference, vllm_server
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_GROUP = "vllm.stat_logger_plugins"
@@ -491,37 +492,10 @@ def test_metrics_endpoint_in_multiprocess_mode_equals_the_counters(
     assert not (tmp_path / "metrics").exists()
 
 
-async def _complete_all(base: str, model: str, jobs: list[tuple[str, int, bool]]) -> list[Any]:
-    """Every (prompt, max_tokens, stream) job at once; per job its token ids,
-    text, finish reason and, if streamed, whether `[DONE]` came."""
-    import aiohttp
-
-    async def one(session: aiohttp.ClientSession, prompt: str, n: int, stream: bool) -> Any:
-        body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": n,
-                                "temperature": 0, "return_token_ids": True}  # fmt: skip
-        if stream:
-            body["stream"] = True
-        async with session.post(base + "/v1/completions", json=body) as resp:
-            assert resp.status == 200, await resp.text()
-            if not stream:
-                choice = (await resp.json())["choices"][0]
-                return choice["token_ids"], choice["text"], choice["finish_reason"], None
-            ids: list[int] = []
-            text, reason, done = "", None, False
-            async for raw in resp.content:
-                line = raw.strip()
-                if line == b"data: [DONE]":
-                    done = True
-                elif line.startswith(b"data: "):
-                    for choice in json.loads(line[6:])["choices"]:
-                        assert reason is None, "a chunk after the finish"
-                        ids += choice["token_ids"]
-                        text += choice["text"]
-                        reason = choice["finish_reason"]
-            return ids, text, reason, done
-
+async def _run_all(base: str, model: str, jobs: list[Job]) -> list[Result]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
-        return list(await asyncio.gather(*(one(session, *job) for job in jobs)))
+        url = base + "/v1/completions"
+        return list(await asyncio.gather(*(run_job(session, url, model, job) for job in jobs)))
 
 
 @pytest.mark.e2e
@@ -536,28 +510,22 @@ def test_several_api_servers_serve_exactly_and_export_once(
     whichever API server answers from prometheus_client's multiprocess
     files (vLLM sets the directory), carries each pipeline series once,
     equal to the engine's counters."""
-    from vllm import SamplingParams
-
     prompts = corpus_prompts(8)
-    jobs = [(p, n, (i + j) % 2 == 1)
+    jobs = [Job(p, n, stream=(i + j) % 2 == 1)
             for i, p in enumerate(prompts) for j, n in enumerate((1, 5, 16, 40))]  # fmt: skip
-    pairs = sorted({(p, n) for p, n, _ in jobs})
-    with engine(tiny_model, ours=False, max_model_len=256) as llm:
-        outputs = llm.generate([p for p, _ in pairs],
-                               [SamplingParams(temperature=0.0, max_tokens=n) for _, n in pairs],
-                               use_tqdm=False)  # fmt: skip
-    reference = {pair: o.outputs[0] for pair, o in zip(pairs, outputs, strict=True)}
+    reference = sync_reference(tiny_model, jobs, max_model_len=256)
 
     env = {"VLLM_SERVER_DEV_MODE": "1", "PROMETHEUS_MULTIPROC_DIR": None}
     extra = ["--api-server-count", "2"]
     with _serve(tiny_model, tmp_path / "serve.log", env, plugin_path, extra) as base:
-        results = asyncio.run(_complete_all(base, tiny_model, jobs))
-        for (prompt, n, stream), (ids, text, reason, done) in zip(jobs, results, strict=True):
-            want = reference[(prompt, n)]
-            where = (prompt, n, stream)
-            assert ids == list(want.token_ids), where
-            assert text == want.text and reason == want.finish_reason, where
-            assert done is (True if stream else None), where
+        results = asyncio.run(_run_all(base, tiny_model, jobs))
+        for job, r in zip(jobs, results, strict=True):
+            want = reference[(job.prompt, job.max_tokens)]
+            assert r.status == 200, (job, r)
+            assert r.token_ids == list(want.token_ids), (job, r)
+            assert r.text == want.text and r.finish_reason == want.finish_reason, (job, r)
+            assert r.usage_tokens == len(r.token_ids), (job, r)
+            assert r.done_marker is job.stream, (job, r)
 
         def agreed() -> tuple[list[Any], PipelineStats] | None:
             status, body = _request(base + "/collective_rpc", {"method": "async_executor_stats"})
@@ -573,4 +541,4 @@ def test_several_api_servers_serve_exactly_and_export_once(
     # One engine: each series once, whichever process wrote or served it.
     assert len(samples) == len(_expected_series(counters)), samples
     assert counters.windowed_batches > 0 and counters.launched_before_predecessor_resolved > 0
-    assert counters.device_steps >= max(n for _, n, _ in jobs), counters
+    assert counters.device_steps >= max(j.max_tokens for j in jobs), counters
